@@ -1,0 +1,234 @@
+"""`runnerd` subcommands: parse, build Settings, make one call, return an exit code.
+
+Exit codes: 0 ok, 1 the work failed (a step, a missing required layer), 2 usage (bad flag,
+bad environment value, unreadable file). User errors print one line on stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import msgspec
+
+from runnerd import settings as settings_module
+from runnerd.errors import ConfigError, RunnerdError
+from runnerd.messages import StepOutcome
+from runnerd.settings import SETTINGS_HELP, Settings
+from runnerd.spawner import SandboxOptions, Spawner, StepSpec
+from sandbox.protocol import Capabilities, Limits, Runtime, StepError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+RUNTIMES: dict[str, Runtime] = {".py": "python", ".js": "node", ".mjs": "node", ".cjs": "node"}
+
+
+class UsageError(RunnerdError):
+    """Bad command-line usage or unreadable input; exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="runnerd", description="Run customer steps, each in a fresh sandbox.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run_step = commands.add_parser("run-step", help="run one step locally (no Redis)")
+    run_step.add_argument(
+        "step", nargs="?", help="a .py, .js or .mjs file defining run(input, ctx)"
+    )
+    run_step.add_argument("--input", default="null", help="JSON input, or @file.json")
+    run_step.add_argument(
+        "--exec", action="store_true", help="run the argv after -- as an exec step"
+    )
+    defaults = Limits()
+    for name, kind in (("wall_s", float), ("cpu_s", int), ("memory_mb", int), ("pids", int)):
+        run_step.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=getattr(defaults, name),
+            help=f"default {getattr(defaults, name)}",
+        )
+    run_step.add_argument("--network", action="store_true", help="give the step the host's network")
+    _add_setting_flags(run_step)
+
+    doctor = commands.add_parser("doctor", help="print which sandbox layers work on this host")
+    _add_setting_flags(doctor)
+    return parser
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    for field, help_text in SETTINGS_HELP.items():
+        parser.add_argument("--" + field.replace("_", "-"), dest=f"setting_{field}", help=help_text)
+
+
+def _settings_from(args: argparse.Namespace, environ: dict[str, str]) -> Settings:
+    overrides: dict[str, Any] = {}
+    for field in SETTINGS_HELP:
+        value = getattr(args, f"setting_{field}", None)
+        if value is not None and field == "sandbox_require":
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        overrides[field] = value
+    return settings_module.load(environ, overrides)
+
+
+def _sandbox_options(settings: Settings) -> SandboxOptions:
+    return SandboxOptions(
+        uid_base=settings.sandbox_uid_base,
+        slots=settings.sandbox_slots,
+        node_path=settings.node_path,
+    )
+
+
+# --- run-step ----------------------------------------------------------------------------------
+
+
+def _read_input(value: str) -> bytes:
+    text = value
+    if value.startswith("@"):
+        text = _read_text(Path(value[1:]), "input file")
+    try:
+        return msgspec.msgpack.encode(msgspec.json.decode(text))
+    except msgspec.DecodeError as exc:
+        raise UsageError(f"--input is not valid JSON: {exc}") from exc
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise UsageError(f"cannot read {what} {str(path)!r}: {reason}") from exc
+
+
+def step_spec_from_args(args: argparse.Namespace, exec_argv: list[str]) -> StepSpec:
+    limits = Limits(
+        wall_s=args.wall_s,
+        cpu_s=args.cpu_s,
+        memory_mb=args.memory_mb,
+        pids=args.pids,
+        network=args.network,
+    )
+    data = _read_input(args.input)
+    if args.exec:
+        if not exec_argv:
+            raise UsageError("--exec needs the program after --, as in: --exec -- jq .")
+        return StepSpec("exec", exec_argv[0], input=data, limits=limits, argv=tuple(exec_argv))
+    if not args.step:
+        raise UsageError("run-step needs a step file (.py, .js, .mjs) or --exec -- ARGV")
+    path = Path(args.step)
+    runtime = RUNTIMES.get(path.suffix)
+    if runtime is None:
+        raise UsageError(f"{args.step}: unknown step kind; use .py, .js, .mjs or --exec")
+    return StepSpec(runtime, path.name, _read_text(path, "step file"), data, limits)
+
+
+def outcome_json(outcome: StepOutcome) -> dict[str, Any]:
+    """The run-step report: the outcome with `output` decoded (bytes become base64 in JSON)."""
+    report = msgspec.structs.asdict(outcome)
+    report["output"] = msgspec.msgpack.decode(outcome.output) if outcome.ok else None
+    report["error"] = msgspec.structs.asdict(outcome.error) if outcome.error else None
+    return report
+
+
+async def _run_step(settings: Settings, step: StepSpec) -> StepOutcome:
+    if step.runtime == "node" and not settings.node_path:
+        return StepOutcome(ok=False, error=StepError("sandbox", "node was not found on PATH"))
+    spawner = await Spawner.start(_sandbox_options(settings), pool_size=0)
+    try:
+        refusal = check_required_layers(settings, spawner.capabilities)
+        if refusal is not None:
+            return StepOutcome(ok=False, error=StepError("sandbox", refusal))
+        return await spawner.run_step(step)
+    finally:
+        await spawner.close()
+
+
+def check_required_layers(settings: Settings, capabilities: Capabilities) -> str | None:
+    """In strict mode, the reason to refuse; in best-effort mode, a warning on stderr."""
+    missing = capabilities.missing(list(settings.sandbox_require))
+    if not missing:
+        return None
+    message = f"required sandbox layers missing on this host: {', '.join(missing)}"
+    if settings.sandbox_mode == "strict":
+        return f"refusing to run: {message} (RUNNERD_SANDBOX_MODE=strict)"
+    print(f"runnerd: warning: {message}; running best-effort", file=sys.stderr)
+    return None
+
+
+def cmd_run_step(args: argparse.Namespace, exec_argv: list[str], settings: Settings) -> int:
+    step = step_spec_from_args(args, exec_argv)
+    outcome = _run(_run_step(settings, step))
+    sys.stdout.write(msgspec.json.encode(outcome_json(outcome)).decode() + "\n")
+    return EXIT_OK if outcome.ok else EXIT_FAILED
+
+
+# --- doctor ------------------------------------------------------------------------------------
+
+
+async def _probe(settings: Settings) -> Capabilities:
+    spawner = await Spawner.start(_sandbox_options(settings), pool_size=0)
+    await spawner.close()
+    return spawner.capabilities
+
+
+def cmd_doctor(settings: Settings) -> int:
+    capabilities = _run(_probe(settings))
+    missing = capabilities.missing(list(settings.sandbox_require))
+    report = {
+        "layers": {
+            name: {"ok": status.ok, **({"reason": status.reason} if not status.ok else {})}
+            for name, status in capabilities.layers.items()
+        },
+        "mode": settings.sandbox_mode,
+        "required": list(settings.sandbox_require),
+        "missing_required": missing,
+        "uid": os.geteuid(),
+        "node": settings.node_path or None,
+    }
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(report)).decode() + "\n")
+    return EXIT_FAILED if missing else EXIT_OK
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def _run(coroutine: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    exec_argv: list[str] = []
+    if "--" in arguments:
+        split = arguments.index("--")
+        arguments, exec_argv = arguments[:split], arguments[split + 1 :]
+    try:
+        args = build_parser().parse_args(arguments)
+        settings = _settings_from(args, dict(os.environ))
+        if args.command == "run-step":
+            return cmd_run_step(args, exec_argv, settings)
+        return cmd_doctor(settings)
+    except (UsageError, ConfigError) as exc:
+        print(f"runnerd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RunnerdError as exc:
+        print(f"runnerd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def entry() -> NoReturn:
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Faults of runnerd itself (a failing customer step is a result value, not one of these)."""
+
+
+class RunnerdError(Exception):
+    """Base of runnerd's own errors."""
+
+
+class ConfigError(RunnerdError):
+    """A setting, flag or input file is invalid; the message names it and says what is expected."""
+
+
+class SandboxUnavailable(RunnerdError):
+    """The zygote could not start, died, or lacks layers that strict mode requires."""
+
+
+class StoreError(RunnerdError):
+    """Redis refused or lost an operation the store needed."""

@@ -1,0 +1,94 @@
+"""The one Settings object: defaults, then environment (`RUNNERD_<FIELD>`), then CLI flags.
+
+Each field has a type, a default, its unit in its name and a line of help (in SETTINGS_HELP);
+its environment variable is derived from its name, and cli.py builds flags from the same table.
+Read once, at start, in cli.py; a bad value raises ConfigError naming the variable or flag.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import msgspec
+
+from runnerd.errors import ConfigError
+from sandbox.layers import ALL_LAYERS
+
+SandboxMode = Literal["strict", "best-effort"]
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    sandbox_mode: SandboxMode = "best-effort"
+    sandbox_require: tuple[str, ...] = ("uid_drop", "rlimits", "no_new_privs", "seccomp")
+    sandbox_uid_base: int = 200_000
+    sandbox_slots: int = 256
+    pool_size: int = 2
+    node_path: str = ""
+
+
+SETTINGS_HELP: dict[str, str] = {
+    "sandbox_mode": "strict: refuse to run steps when a required layer is missing; "
+    "best-effort: run with what the host allows and say so",
+    "sandbox_require": "comma list of sandbox layers that must be present (see `runnerd doctor`)",
+    "sandbox_uid_base": "first host uid of the per-child-slot uids (uid_base .. uid_base+slots)",
+    "sandbox_slots": "most children alive at once (running or warm)",
+    "pool_size": "warm, already-confined children kept per runtime (0: spawn on demand)",
+    "node_path": "the node binary for JavaScript steps (default: `node` on PATH)",
+}
+
+
+def env_name(field: str) -> str:
+    return f"RUNNERD_{field.upper()}"
+
+
+def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Build Settings from the environment and CLI overrides (None means "not given")."""
+    raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for field in Settings.__struct_fields__:
+        name = env_name(field)
+        if name in environ:
+            raw[field] = _parse_env(field, environ[name])
+            sources[field] = name
+    for field, value in (overrides or {}).items():
+        if value is not None:
+            raw[field] = value
+            sources[field] = "--" + field.replace("_", "-")
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc, sources)) from exc
+    return _validate(settings)
+
+
+def _parse_env(field: str, value: str) -> Any:
+    if field == "sandbox_require":
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+def _explain(exc: msgspec.ValidationError, sources: dict[str, str]) -> str:
+    message = str(exc)
+    for field, source in sources.items():
+        if f"`$.{field}`" in message:
+            return f"{source}: {message.split(' - at ')[0]}"
+    return message
+
+
+def _validate(settings: Settings) -> Settings:
+    unknown = [layer for layer in settings.sandbox_require if layer not in ALL_LAYERS]
+    if unknown:
+        raise ConfigError(
+            f"{env_name('sandbox_require')}: unknown sandbox layer(s) {', '.join(unknown)}; "
+            f"known: {', '.join(ALL_LAYERS)}"
+        )
+    for field in ("sandbox_uid_base", "sandbox_slots", "pool_size"):
+        if getattr(settings, field) < 0:
+            raise ConfigError(f"{env_name(field)}: must not be negative")
+    if settings.sandbox_slots < 1:
+        raise ConfigError(f"{env_name('sandbox_slots')}: must be at least 1")
+    node = settings.node_path or shutil.which("node", path=os.environ.get("PATH")) or ""
+    return msgspec.structs.replace(settings, node_path=node)

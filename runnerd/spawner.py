@@ -1,0 +1,532 @@
+"""The async side of the sandbox: start the zygote, get children from it, run one step in each.
+
+`Zygote` owns the zygote process and its control socket (spawn, kill, exit reports).
+`Child` is one confined child: its step channel, its captured stdout/stderr, its pid.
+`Spawner` is what the rest of runnerd calls: `run_step(StepSpec) -> StepOutcome`, with a warm
+pool of already-confined children for the default limits, so that a step's latency is a frame
+round trip, not a fork and a confinement.
+
+The wall clock is enforced here, from outside the child: past `wall_s` the zygote SIGKILLs the
+child (pid 1 of its pid namespace, so everything it started dies with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import sys
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+import sandbox
+from runnerd.errors import SandboxUnavailable
+from runnerd.messages import StepOutcome
+from sandbox import protocol
+from sandbox.errors import ProtocolError
+from sandbox.protocol import (
+    Capabilities,
+    Exited,
+    Hello,
+    Kill,
+    Limits,
+    Ready,
+    Runtime,
+    Spawn,
+    Spawned,
+    SpawnFailed,
+    StepContext,
+    StepError,
+    StepRequest,
+    StepResult,
+)
+
+T = TypeVar("T")
+MB = 1024 * 1024
+RESULT_OVERHEAD = 8 * MB  # logs and framing on top of the output limit
+STDIO_GRACE_S = 1.0  # after the result: how long to wait for the last of stdout/stderr
+EXIT_WAIT_S = 5.0  # after a kill: how long the zygote may take to report the exit
+CODE_CACHE_BYTES_MAX = 64 * MB
+
+
+@dataclass(frozen=True)
+class SandboxOptions:
+    uid_base: int = 200_000
+    slots: int = 256
+    node_path: str = ""
+    python: str = sys.executable
+    start_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One step to run: what the sandbox needs, nothing about executions or Redis."""
+
+    runtime: Runtime
+    filename: str
+    source: str = ""
+    input: bytes = b"\xc0"  # msgpack nil
+    limits: Limits = Limits()
+    argv: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    context: StepContext = StepContext()
+
+
+class Zygote:
+    """The zygote process and the control socket to it."""
+
+    def __init__(self, process: asyncio.subprocess.Process, control: socket.socket) -> None:
+        self.process = process
+        self.control = control
+        self.capabilities = Capabilities({})
+        self._next_request = 0
+        self._spawns: dict[int, asyncio.Future[int]] = {}
+        self._exits: dict[int, asyncio.Future[Exited | None]] = {}
+        self._hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
+        self.closed = asyncio.Event()
+
+    @classmethod
+    async def start(cls, options: SandboxOptions) -> Zygote:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        tmp_root = tempfile.mkdtemp(prefix="runnerd-steps-")
+        argv = [
+            options.python,
+            "-E",
+            "-s",
+            "-m",
+            "sandbox.zygote",
+            "--control-fd",
+            str(theirs.fileno()),
+            "--uid-base",
+            str(options.uid_base),
+            "--slots",
+            str(options.slots),
+            "--node",
+            options.node_path,
+            "--tmp-root",
+            tmp_root,
+        ]
+        # An empty environment: the zygote's initial environment block is every child's too.
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            env={},
+            pass_fds=[theirs.fileno()],
+            stdin=asyncio.subprocess.DEVNULL,
+            cwd=str(Path(sandbox.__file__).resolve().parent.parent),
+        )
+        theirs.close()
+        zygote = cls(process, ours)
+        ours.setblocking(False)
+        asyncio.get_running_loop().add_reader(ours.fileno(), zygote._on_readable)
+        try:
+            async with asyncio.timeout(options.start_timeout_s):
+                hello = await zygote._hello
+        except (TimeoutError, SandboxUnavailable) as exc:
+            await zygote.close()
+            raise SandboxUnavailable(f"the sandbox zygote did not start: {exc}") from exc
+        zygote.capabilities = hello.capabilities
+        return zygote
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.control.recv(protocol.CONTROL_PACKET_MAX)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._on_closed()
+            return
+        try:
+            message = protocol.decode_from_zygote(data)
+        except ProtocolError:
+            return
+        if isinstance(message, Hello):
+            _resolve(self._hello, message)
+        elif isinstance(message, Spawned):
+            _resolve(self._spawns.pop(message.request_id, None), message.pid)
+        elif isinstance(message, SpawnFailed):
+            _fail(self._spawns.pop(message.request_id, None), SandboxUnavailable(message.message))
+        elif isinstance(message, Exited):
+            _resolve(self._exit_future(message.pid), message)
+
+    def _on_closed(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(self.control.fileno())
+        gone = SandboxUnavailable("the sandbox zygote exited")
+        _fail(self._hello, gone)
+        for spawn in self._spawns.values():
+            _fail(spawn, gone)
+        for exit_report in self._exits.values():
+            _resolve(exit_report, None)  # no report will come; waiters see "never reported"
+        self.closed.set()
+
+    def _exit_future(self, pid: int) -> asyncio.Future[Exited | None]:
+        if pid not in self._exits:
+            self._exits[pid] = asyncio.get_running_loop().create_future()
+        return self._exits[pid]
+
+    async def spawn(self, runtime: Runtime, limits: Limits) -> Child:
+        if self.closed.is_set():
+            raise SandboxUnavailable("the sandbox zygote exited")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        stdout_read, stdout_write = os.pipe()
+        stderr_read, stderr_write = os.pipe()
+        self._next_request += 1
+        request_id = self._next_request
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._spawns[request_id] = future
+        try:
+            payload = protocol.encode(Spawn(request_id, runtime, limits))
+            socket.send_fds(self.control, [payload], [theirs.fileno(), stdout_write, stderr_write])
+        finally:
+            for fd in (stdout_write, stderr_write):
+                os.close(fd)
+            theirs.close()
+        try:
+            pid = await future
+        except BaseException:
+            ours.close()
+            os.close(stdout_read)
+            os.close(stderr_read)
+            raise
+        return await Child.attach(self, pid, limits, ours, stdout_read, stderr_read)
+
+    def kill(self, pid: int) -> None:
+        with contextlib.suppress(OSError):
+            self.control.send(protocol.encode(Kill(pid)))
+
+    async def exited(self, pid: int, timeout_s: float) -> Exited | None:
+        future = self._exit_future(pid)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            return None
+        finally:
+            if future.done():
+                self._exits.pop(pid, None)
+
+    def forget(self, pid: int) -> None:
+        """Nobody will wait for this pid's exit report: drop it when it comes."""
+        future = self._exit_future(pid)
+        if future.done():
+            self._exits.pop(pid, None)
+        else:
+            future.add_done_callback(lambda _: self._exits.pop(pid, None))
+
+    async def close(self) -> None:
+        if not self.closed.is_set():
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self.control.fileno())
+            self.control.close()  # EOF tells the zygote to kill its children and clean up
+            self._on_closed()
+        try:
+            async with asyncio.timeout(EXIT_WAIT_S):
+                await self.process.wait()
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+
+class TailBuffer:
+    """Keeps the last `limit` bytes read from a pipe, counting what was cut."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.total = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self.data += chunk
+        if len(self.data) > self.limit:
+            del self.data[: len(self.data) - self.limit]
+
+    def text(self) -> str:
+        return self.data.decode(errors="replace")
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self.data)
+
+
+async def _drain(fd: int, tail: TailBuffer) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=64 * 1024)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    try:
+        while chunk := await reader.read(64 * 1024):
+            tail.feed(chunk)
+    finally:
+        transport.close()
+
+
+class Child:
+    """One confined child, ready for exactly one step."""
+
+    def __init__(self, zygote: Zygote, pid: int, limits: Limits) -> None:
+        self.zygote = zygote
+        self.pid = pid
+        self.limits = limits
+        self.layers: list[str] = []
+        self.stdout = TailBuffer(limits.stdio_kb * 1024)
+        self.stderr = TailBuffer(limits.stdio_kb * 1024)
+        self.reader: asyncio.StreamReader
+        self.writer: asyncio.StreamWriter
+        self.drains: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def attach(
+        cls,
+        zygote: Zygote,
+        pid: int,
+        limits: Limits,
+        channel: socket.socket,
+        stdout: int,
+        stderr: int,
+    ) -> Child:
+        child = cls(zygote, pid, limits)
+        child.drains = [
+            asyncio.create_task(_drain(stdout, child.stdout)),
+            asyncio.create_task(_drain(stderr, child.stderr)),
+        ]
+        limit = limits.output_mb * MB + RESULT_OVERHEAD
+        child.reader, child.writer = await asyncio.open_unix_connection(sock=channel, limit=limit)
+        return child
+
+    async def read_frame(self, max_len: int) -> protocol.FromChild:
+        header = await self.reader.readexactly(protocol.FRAME_HEADER.size)
+        payload = await self.reader.readexactly(protocol.frame_length(header, max_len))
+        return protocol.decode_from_child(payload)
+
+    async def wait_ready(self, timeout_s: float) -> StepResult | None:
+        """None once the child is confined and waiting; else the sandbox failure it reported."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                message = await self.read_frame(protocol.SMALL_FRAME_MAX)
+        except (TimeoutError, asyncio.IncompleteReadError, ProtocolError, OSError) as exc:
+            await self.discard()
+            reason = "timed out" if isinstance(exc, TimeoutError) else "closed its channel"
+            return _sandbox_failure(f"the child {reason} before it was ready")
+        if isinstance(message, Ready):
+            self.layers = message.layers
+            return None
+        await self.discard()
+        return message if not message.ok else _sandbox_failure("the child sent a result unasked")
+
+    async def run(self, request: StepRequest) -> tuple[StepOutcome, bytes | None]:
+        """Send the step, wait for its result under the wall clock; returns the outcome and the
+        code cache the child produced, if any."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result: StepResult | None = None
+        error: StepError | None = None
+        try:
+            async with asyncio.timeout(self.limits.wall_s):
+                self.writer.write(protocol.encode_frame(request))
+                await self.writer.drain()
+                message = await self.read_frame(self.limits.output_mb * MB + RESULT_OVERHEAD)
+            if isinstance(message, StepResult):
+                result = message
+            else:
+                error = StepError("protocol", "the child sent Ready twice")
+        except TimeoutError:
+            error = StepError(
+                "timeout", f"the step ran past its wall-clock limit of {self.limits.wall_s:g} s"
+            )
+        except ProtocolError as exc:
+            error = StepError("protocol", f"the step corrupted its result channel: {exc}")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # no result: the exit status says why
+        if result is None:
+            self.zygote.kill(self.pid)
+        outcome = await self._finish(result, error, loop.time() - started)
+        return outcome, (result.code_cache if result is not None else None)
+
+    async def _finish(
+        self, result: StepResult | None, error: StepError | None, elapsed_s: float
+    ) -> StepOutcome:
+        exited = None
+        if result is None:
+            exited = await self.zygote.exited(self.pid, EXIT_WAIT_S)
+            if error is None:
+                error = self._classify_death(exited)
+        else:
+            self.zygote.forget(self.pid)
+        await self._close_channel()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STDIO_GRACE_S):
+                await asyncio.gather(*self.drains, return_exceptions=True)
+        for task in self.drains:
+            task.cancel()
+        if result is None:
+            result = StepResult(ok=False, error=error, duration_s=elapsed_s)
+        return StepOutcome(
+            ok=result.ok,
+            output=result.output,
+            error=result.error,
+            duration_s=result.duration_s,
+            logs=result.logs,
+            stdout=self.stdout.text(),
+            stderr=self.stderr.text(),
+            stdout_truncated=self.stdout.truncated,
+            stderr_truncated=self.stderr.truncated,
+            layers=self.layers,
+        )
+
+    def _classify_death(self, exited: Exited | None) -> StepError:
+        if exited is None:
+            return StepError("sandbox", "the child's exit was never reported")
+        status = exited.status
+        if exited.oom_killed or self._node_out_of_memory():
+            return StepError(
+                "memory", f"the step exceeded its memory limit of {self.limits.memory_mb} MB"
+            )
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            # A handler-less pid 1 ignores SIGXCPU, so the hard limit's SIGKILL is what ends it:
+            # the CPU time used tells a CPU-limit death from any other kill.
+            if sig == signal.SIGXCPU or exited.cpu_s >= self.limits.cpu_s:
+                return StepError("cpu", f"the step used up its CPU limit of {self.limits.cpu_s} s")
+            return StepError("killed", f"the step was killed by {signal.Signals(sig).name}")
+        code = os.WEXITSTATUS(status)
+        return StepError("protocol", f"the step exited (status {code}) without sending a result")
+
+    def _node_out_of_memory(self) -> bool:
+        tail = self.stderr.text()
+        return "heap out of memory" in tail or "Fatal process out of memory" in tail
+
+    async def _close_channel(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError, ConnectionError):
+            await self.writer.wait_closed()
+
+    async def discard(self) -> None:
+        """Kill an unused child and release what it holds."""
+        self.zygote.kill(self.pid)
+        self.zygote.forget(self.pid)
+        await self._close_channel()
+        for task in self.drains:
+            task.cancel()
+
+
+class Spawner:
+    """Runs steps in the sandbox. One per process; `start()` once, `close()` at the end."""
+
+    def __init__(self, zygote: Zygote, pool_size: int) -> None:
+        self.zygote = zygote
+        self.pool_size = pool_size
+        self._pools: dict[Runtime, asyncio.Queue[Child]] = {}
+        self._refills: set[asyncio.Task[None]] = set()
+        self._code_cache: OrderedDict[str, bytes] = OrderedDict()
+        self._code_cache_bytes = 0
+
+    @classmethod
+    async def start(cls, options: SandboxOptions, pool_size: int = 0) -> Spawner:
+        return cls(await Zygote.start(options), pool_size)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.zygote.capabilities
+
+    async def run_step(self, step: StepSpec) -> StepOutcome:
+        child = await self._acquire(step.runtime, step.limits)
+        if isinstance(child, StepResult):
+            return StepOutcome(ok=False, error=child.error)
+        key = _code_key(step) if step.runtime == "python" else None
+        cached = self._code_cache.get(key) if key else None
+        request = StepRequest(
+            filename=step.filename,
+            source=step.source,
+            input=msgspec.Raw(step.input),
+            context=step.context,
+            env=step.env,
+            argv=list(step.argv),
+            code_cache=cached,
+            want_code_cache=key is not None and cached is None,
+            output_max=step.limits.output_mb * MB,
+        )
+        outcome, code_cache = await child.run(request)
+        if key and code_cache:
+            self._remember_code(key, code_cache)
+        return outcome
+
+    async def _acquire(self, runtime: Runtime, limits: Limits) -> Child | StepResult:
+        pool = self._pools.get(runtime)
+        if limits == Limits() and self.pool_size > 0:
+            if pool is None:
+                pool = self._pools[runtime] = asyncio.Queue()
+            self._refill(runtime, pool)
+            if not pool.empty():
+                return pool.get_nowait()
+        try:
+            child = await self.zygote.spawn(runtime, limits)
+        except SandboxUnavailable as exc:
+            return _sandbox_failure(str(exc))
+        failure = await child.wait_ready(limits.wall_s)
+        return failure if failure is not None else child
+
+    def _refill(self, runtime: Runtime, pool: asyncio.Queue[Child]) -> None:
+        missing = (
+            self.pool_size - pool.qsize() - sum(1 for t in self._refills if t.get_name() == runtime)
+        )
+        for _ in range(max(0, missing)):
+            task = asyncio.create_task(self._warm_one(runtime, pool), name=runtime)
+            self._refills.add(task)
+            task.add_done_callback(self._refills.discard)
+
+    async def _warm_one(self, runtime: Runtime, pool: asyncio.Queue[Child]) -> None:
+        try:
+            child = await self.zygote.spawn(runtime, Limits())
+        except SandboxUnavailable:
+            return
+        if await child.wait_ready(Limits().wall_s) is None:
+            pool.put_nowait(child)
+
+    def _remember_code(self, key: str, code: bytes) -> None:
+        if len(code) > CODE_CACHE_BYTES_MAX // 8:
+            return
+        self._code_cache[key] = code
+        self._code_cache_bytes += len(code)
+        while self._code_cache_bytes > CODE_CACHE_BYTES_MAX:
+            _, evicted = self._code_cache.popitem(last=False)
+            self._code_cache_bytes -= len(evicted)
+
+    async def close(self) -> None:
+        for task in list(self._refills):
+            task.cancel()
+        for pool in self._pools.values():
+            while not pool.empty():
+                await pool.get_nowait().discard()
+        await self.zygote.close()
+
+
+def _code_key(step: StepSpec) -> str:
+    digest = hashlib.sha256(step.source.encode())
+    digest.update(step.filename.encode())
+    return digest.hexdigest()
+
+
+def _sandbox_failure(message: str) -> StepResult:
+    return StepResult(ok=False, error=StepError("sandbox", message))
+
+
+def _resolve(future: asyncio.Future[T] | None, value: T) -> None:
+    if future is not None and not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[Any] | None, exc: BaseException) -> None:
+    if future is not None and not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,234 @@
+"""Everything that crosses a process boundary in the sandbox, and how it is framed.
+
+Two channels exist:
+
+* the **control channel** between the caller and the zygote: an AF_UNIX SOCK_SEQPACKET
+  socket, one msgpack message per packet, file descriptors attached with SCM_RIGHTS. It
+  carries only small messages (spawn this, it started, it exited): never step code or data.
+* the **step channel** between the caller and one child: an AF_UNIX SOCK_STREAM socketpair
+  carrying length-prefixed msgpack frames (4-byte big-endian length, then the payload). The
+  child says `Ready`, receives one `StepRequest`, answers one `StepResult`, and exits.
+
+The node runner (runtimes/node_runner.mjs) speaks the step channel too; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Literal, TypeVar
+
+import msgspec
+
+from sandbox.errors import ProtocolError
+
+Runtime = Literal["python", "node", "exec"]
+ErrorType = Literal[
+    "exception", "timeout", "memory", "cpu", "output_limit", "killed", "protocol", "sandbox"
+]
+
+T = TypeVar("T")
+FRAME_HEADER = struct.Struct(">I")
+CONTROL_PACKET_MAX = 64 * 1024
+# A Ready frame or an error frame is tiny; anything bigger before the request is a protocol error.
+SMALL_FRAME_MAX = 64 * 1024
+
+
+class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Resource limits for one step. Units are in the names."""
+
+    wall_s: float = 30.0
+    cpu_s: int = 30
+    memory_mb: int = 1024
+    pids: int = 64
+    open_files: int = 256
+    file_size_mb: int = 256
+    tmp_mb: int = 256
+    output_mb: int = 128
+    stdio_kb: int = 64
+    network: bool = False
+
+
+class LayerStatus(msgspec.Struct, frozen=True):
+    ok: bool
+    reason: str = ""
+
+
+class Capabilities(msgspec.Struct, frozen=True):
+    """What the probe found: layer name -> whether it works on this host, and why not."""
+
+    layers: dict[str, LayerStatus]
+
+    def available(self) -> list[str]:
+        return sorted(name for name, status in self.layers.items() if status.ok)
+
+    def missing(self, required: list[str]) -> list[str]:
+        return [name for name in required if not self.layers.get(name, LayerStatus(False)).ok]
+
+
+# --- control channel: caller -> zygote -------------------------------------------------------
+
+
+class Spawn(msgspec.Struct, tag="spawn", frozen=True, forbid_unknown_fields=True):
+    """Start one confined child. Three fds ride along: step channel, stdout pipe, stderr pipe."""
+
+    request_id: int
+    runtime: Runtime
+    limits: Limits
+
+
+class Kill(msgspec.Struct, tag="kill", frozen=True, forbid_unknown_fields=True):
+    """Kill a child of the zygote (and everything it started). Ignored once it has been reaped."""
+
+    pid: int
+
+
+# --- control channel: zygote -> caller -------------------------------------------------------
+
+
+class Hello(msgspec.Struct, tag="hello", frozen=True, forbid_unknown_fields=True):
+    zygote_pid: int
+    capabilities: Capabilities
+
+
+class Spawned(msgspec.Struct, tag="spawned", frozen=True, forbid_unknown_fields=True):
+    request_id: int
+    pid: int
+
+
+class SpawnFailed(msgspec.Struct, tag="spawn_failed", frozen=True, forbid_unknown_fields=True):
+    request_id: int
+    message: str
+
+
+class Exited(msgspec.Struct, tag="exited", frozen=True, forbid_unknown_fields=True):
+    """A child was reaped. `status` is the raw wait status; `oom_killed` comes from its cgroup."""
+
+    pid: int
+    status: int
+    cpu_s: float
+    max_rss_kb: int
+    oom_killed: bool
+
+
+ToZygote = Spawn | Kill
+FromZygote = Hello | Spawned | SpawnFailed | Exited
+
+
+# --- step channel ----------------------------------------------------------------------------
+
+
+class Ready(msgspec.Struct, tag="ready", frozen=True):
+    """The child is confined and waits for its one step. `layers` are the layers it applied."""
+
+    layers: list[str]
+
+
+class StepContext(msgspec.Struct, frozen=True):
+    execution_id: str = ""
+    step: str = ""
+    attempt: int = 1
+
+
+class StepRequest(msgspec.Struct, tag="request", frozen=True):
+    """One step for one child. `input` is a msgpack value passed through undecoded.
+
+    For python steps `code_cache` may carry the marshalled code object that an earlier child
+    compiled from the same source (the caller never compiles customer code itself).
+    """
+
+    filename: str
+    source: str
+    input: msgspec.Raw
+    context: StepContext = StepContext()
+    env: dict[str, str] = {}
+    argv: list[str] = []
+    code_cache: bytes | None = None
+    want_code_cache: bool = False
+    output_max: int = 128 * 1024 * 1024
+
+
+class StepError(msgspec.Struct, frozen=True):
+    type: ErrorType
+    message: str
+
+
+NIL = msgspec.Raw(b"\xc0")  # msgpack nil: the output of a step that failed
+
+
+class StepResult(msgspec.Struct, tag="result", frozen=True):
+    ok: bool
+    output: msgspec.Raw = NIL
+    error: StepError | None = None
+    logs: list[str] = []
+    code_cache: bytes | None = None
+    duration_s: float = 0.0
+
+
+ToChild = StepRequest
+FromChild = Ready | StepResult
+
+_encoder = msgspec.msgpack.Encoder()
+_to_zygote: msgspec.msgpack.Decoder[ToZygote] = msgspec.msgpack.Decoder(ToZygote)
+_from_zygote: msgspec.msgpack.Decoder[FromZygote] = msgspec.msgpack.Decoder(FromZygote)
+_to_child: msgspec.msgpack.Decoder[ToChild] = msgspec.msgpack.Decoder(ToChild)
+_from_child: msgspec.msgpack.Decoder[FromChild] = msgspec.msgpack.Decoder(FromChild)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def encode_frame(message: msgspec.Struct) -> bytes:
+    payload = _encoder.encode(message)
+    return FRAME_HEADER.pack(len(payload)) + payload
+
+
+def decode_to_zygote(data: bytes) -> ToZygote:
+    return _decode(_to_zygote, data)
+
+
+def decode_from_zygote(data: bytes) -> FromZygote:
+    return _decode(_from_zygote, data)
+
+
+def decode_to_child(data: bytes) -> ToChild:
+    return _decode(_to_child, data)
+
+
+def decode_from_child(data: bytes) -> FromChild:
+    return _decode(_from_child, data)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[T], data: bytes) -> T:
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"undecodable message: {exc}") from exc
+
+
+def frame_length(header: bytes, max_len: int) -> int:
+    """Length announced by a frame header; refuses frames over `max_len` before reading them."""
+    length: int = FRAME_HEADER.unpack(header)[0]
+    if length > max_len:
+        raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_len}")
+    return length
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """Blocking read of exactly `size` bytes; EOF before that is a protocol error."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            raise ProtocolError(f"channel closed after {got} of {size} bytes")
+        got += n
+    return bytes(buffer)
+
+
+def read_frame(sock: socket.socket, max_len: int) -> bytes:
+    """Blocking read of one frame's payload (used on the child side)."""
+    length = frame_length(recv_exactly(sock, FRAME_HEADER.size), max_len)
+    return recv_exactly(sock, length)

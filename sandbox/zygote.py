@@ -1,0 +1,297 @@
+"""The zygote: a small single-threaded process that forks one confined child per step.
+
+Started by exec with an empty environment (so /proc/<pid>/environ of every child is empty too)
+and never given a secret, step code or step data: the caller sends those to each child over the
+child's own channel. The zygote only hears "spawn a child with these limits" (the child's three
+fds riding along with SCM_RIGHTS), "kill that pid", and reports children started and reaped.
+
+The loop waits on two fds: the control socket and the wakeup pipe that the SIGCHLD/SIGTERM
+handlers write to (signal.set_wakeup_fd). Handlers record, the loop acts.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# Imported here so that every child starts with the runtimes loaded (a fork shares them).
+import asyncio  # noqa: F401
+import contextlib
+import json  # noqa: F401
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess  # noqa: F401
+import sys
+from collections import deque
+from dataclasses import dataclass
+from typing import NoReturn
+
+from sandbox import child, protocol, syscalls
+from sandbox.errors import ProtocolError
+from sandbox.layers import ChildPlan, cgroups, mounts, namespaces, userns
+from sandbox.probe import Probed, probe
+from sandbox.protocol import Exited, Hello, Kill, Limits, Spawn, Spawned, SpawnFailed
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ZygoteConfig:
+    uid_base: int
+    slots: int
+    node_path: str
+    tmp_root: str
+
+
+@dataclass(frozen=True)
+class ChildRecord:
+    slot: int
+    uid: int
+    oom_before: int
+    tmpdir: str | None  # a per-slot directory to remove after exit, when no tmpfs is mounted
+
+
+class Zygote:
+    def __init__(self, control: socket.socket, config: ZygoteConfig, probed: Probed) -> None:
+        self.control = control
+        self.config = config
+        self.probed = probed
+        self.available = frozenset(probed.capabilities.available())
+        # First in, first out: a slot just freed is used last, which gives the kernel time to
+        # finish tearing down its previous child's namespaces and cgroup charges.
+        self.free_slots = deque(range(config.slots))
+        self.slot_limits: dict[tuple[str, int], int] = {}  # (controller, slot) -> limit set
+        self.children: dict[int, ChildRecord] = {}
+        self.stopping = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def run(self, wakeup: int) -> None:
+        self.send(Hello(os.getpid(), self.probed.capabilities))
+        poller = select.poll()
+        poller.register(self.control, select.POLLIN)
+        poller.register(wakeup, select.POLLIN)
+        while not self.stopping:
+            for fd, _ in poller.poll():
+                if fd == wakeup:
+                    os.read(wakeup, 512)
+                    self.reap()
+                else:
+                    self.handle_control()
+        self.shutdown()
+
+    def request_stop(self) -> None:
+        self.stopping = True
+
+    def handle_control(self) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.control, protocol.CONTROL_PACKET_MAX, 3)
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            self.stopping = True  # the caller is gone: nothing may outlive it
+            return
+        try:
+            message = protocol.decode_to_zygote(data)
+        except ProtocolError as exc:
+            _close_all(fds)
+            print(f"zygote: dropped a control message: {exc}", file=sys.stderr)
+            return
+        if isinstance(message, Spawn):
+            self.spawn(message, fds)
+        else:
+            _close_all(fds)
+            self.kill(message)
+
+    def shutdown(self) -> None:
+        for pid in list(self.children):
+            _kill(pid)
+        for pid in list(self.children):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            self.release(pid)
+        for controller in self.probed.controllers:
+            cgroups.remove(controller)
+        shutil.rmtree(self.config.tmp_root, ignore_errors=True)
+
+    def send(self, message: protocol.FromZygote) -> None:
+        try:
+            self.control.send(protocol.encode(message))
+        except OSError:
+            self.stopping = True
+
+    # --- children --------------------------------------------------------------------------
+
+    def spawn(self, request: Spawn, fds: list[int]) -> None:
+        if len(fds) != 3 or not self.free_slots:
+            _close_all(fds)
+            reason = "no free child slot" if len(fds) == 3 else "a spawn needs exactly three fds"
+            self.send(SpawnFailed(request.request_id, reason))
+            return
+        slot = self.free_slots.popleft()
+        uid = self.config.uid_base + slot
+        plan = self.plan(request, slot, uid, fds)
+        go_read, go_write = os.pipe()
+        try:
+            pid = syscalls.clone(namespaces.clone_flags(plan.layers))
+        except OSError as exc:
+            _close_all([*fds, go_read, go_write])
+            self.free_slots.append(slot)
+            self.send(SpawnFailed(request.request_id, f"clone: {exc.strerror}"))
+            return
+        if pid == 0:
+            os.close(go_write)
+            child.main(plan, go_read)
+        _close_all([*fds, go_read])
+        tmpdir = None if "mountns" in plan.layers else plan.tmpdir
+        self.children[pid] = ChildRecord(slot, uid, self.oom_count(slot), tmpdir)
+        try:
+            self.set_up_from_parent(pid, plan)
+            os.write(go_write, child.GO)
+        except OSError as exc:
+            _kill(pid)  # reaped like any child; the caller hears SpawnFailed first
+            self.send(SpawnFailed(request.request_id, f"child setup: {exc.strerror or exc}"))
+            return
+        finally:
+            os.close(go_write)
+        self.send(Spawned(request.request_id, pid))
+
+    def plan(self, request: Spawn, slot: int, uid: int, fds: list[int]) -> ChildPlan:
+        limits = request.limits
+        layers = set(self.available)
+        if limits.network:
+            layers.discard("netns")
+        if "mountns" in layers:
+            tmpdir = mounts.TMPDIR
+        else:
+            tmpdir = os.path.join(self.config.tmp_root, f"slot-{slot}")
+            _make_private_dir(tmpdir, uid if "uid_drop" in layers else -1)
+        return ChildPlan(
+            runtime=request.runtime,
+            limits=limits,
+            uid=uid,
+            layers=frozenset(layers),
+            seccomp_program=self.probed.seccomp_programs.get(limits.network, b""),
+            tmpdir=tmpdir,
+            channel_fd=fds[0],
+            stdout_fd=fds[1],
+            stderr_fd=fds[2],
+            node_path=self.config.node_path,
+        )
+
+    def set_up_from_parent(self, pid: int, plan: ChildPlan) -> None:
+        """The parent's half of confinement, done before the child may run: id maps, cgroups."""
+        if "userns" in plan.layers:
+            userns.write_id_maps(pid, plan.uid if "uid_drop" in plan.layers else os.geteuid())
+        record = self.children[pid]
+        for controller in self.probed.controllers:
+            limit = _cgroup_limit(controller.name, plan.limits)
+            if self.slot_limits.get((controller.name, record.slot)) != limit:
+                cgroups.prepare_slot(controller, record.slot, limit)  # writing it costs a reclaim
+                self.slot_limits[controller.name, record.slot] = limit
+            cgroups.attach(controller, record.slot, pid)
+
+    def kill(self, message: Kill) -> None:
+        if message.pid in self.children:  # never signal a pid that is not (or no longer) ours
+            _kill(message.pid)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            record = self.children.get(pid)
+            if record is None:
+                continue
+            oom_killed = self.oom_count(record.slot) > record.oom_before
+            self.release(pid)
+            cpu_s = usage.ru_utime + usage.ru_stime
+            self.send(Exited(pid, status, cpu_s, usage.ru_maxrss, oom_killed))
+
+    def release(self, pid: int) -> None:
+        """Make a dead child's slot clean for the next one, then free it."""
+        record = self.children.pop(pid)
+        if "pidns" not in self.available and "uid_drop" in self.available:
+            _kill_all_of_uid(record.uid)  # without a pid namespace, leftovers outlive the child
+        if record.tmpdir is not None:
+            shutil.rmtree(record.tmpdir, ignore_errors=True)
+        self.free_slots.append(record.slot)
+
+    def oom_count(self, slot: int) -> int:
+        return sum(
+            cgroups.oom_kills(c, slot) for c in self.probed.controllers if c.name == "memory"
+        )
+
+
+def _cgroup_limit(controller: str, limits: Limits) -> int:
+    return limits.memory_mb * MB if controller == "memory" else limits.pids
+
+
+def _make_private_dir(path: str, uid: int) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, mode=0o700)
+    if uid >= 0:
+        os.chown(path, uid, uid)
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _kill_all_of_uid(uid: int) -> None:
+    """kill(-1) as `uid` reaches every process of that uid and nothing else (kill(2))."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            os.kill(-1, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _parse_args(argv: list[str]) -> tuple[int, ZygoteConfig]:
+    parser = argparse.ArgumentParser(prog="sandbox.zygote")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--uid-base", type=int, required=True)
+    parser.add_argument("--slots", type=int, required=True)
+    parser.add_argument("--node", default="")
+    parser.add_argument("--tmp-root", required=True)
+    args = parser.parse_args(argv)
+    return args.control_fd, ZygoteConfig(args.uid_base, args.slots, args.node, args.tmp_root)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    control_fd, config = _parse_args(sys.argv[1:] if argv is None else argv)
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the caller
+    os.chdir("/")
+    if os.geteuid() == 0:
+        os.setgroups([])  # children must not inherit root's supplementary groups
+    os.makedirs(config.tmp_root, mode=0o711, exist_ok=True)
+    wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wakeup_write)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop through the pipe
+    control = socket.socket(fileno=control_fd)
+    probed = probe(config.uid_base + config.slots, os.getpid())
+    zygote = Zygote(control, config, probed)
+    signal.signal(signal.SIGTERM, lambda *_: zygote.request_stop())
+    zygote.run(wakeup_read)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
