@@ -153,6 +153,8 @@ async def _run_step(settings: Settings, step: StepSpec) -> StepOutcome:
 
 def check_required_layers(settings: Settings, capabilities: Capabilities) -> str | None:
     """In strict mode, the reason to refuse; in best-effort mode, a warning on stderr."""
+    for problem in capabilities.problems:
+        print(f"runnerd: warning: {problem}", file=sys.stderr)
     missing = capabilities.missing(list(settings.sandbox_require))
     if not missing:
         return None
@@ -190,11 +192,12 @@ def cmd_doctor(settings: Settings) -> int:
         "mode": settings.sandbox_mode,
         "required": list(settings.sandbox_require),
         "missing_required": missing,
+        "problems": capabilities.problems,
         "uid": os.geteuid(),
         "node": settings.node_path or None,
     }
     sys.stdout.write(msgspec.json.format(msgspec.json.encode(report)).decode() + "\n")
-    return EXIT_FAILED if missing else EXIT_OK
+    return EXIT_FAILED if missing or capabilities.problems else EXIT_OK
 
 
 # --- entry point -------------------------------------------------------------------------------

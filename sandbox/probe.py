@@ -9,14 +9,18 @@ compiled seccomp programs and the cgroup controllers.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import msgspec
 
 from sandbox import syscalls
 from sandbox.errors import LayerError
 from sandbox.layers import cgroups, mounts, namespaces, privileges, rlimits, seccomp, userns
 from sandbox.protocol import Capabilities, LayerStatus, Limits
+from sandbox.runtimes import node
 
 
 @dataclass
@@ -64,9 +68,14 @@ def probe(probe_uid: int, owner_pid: int) -> Probed:
         if is_root
         else LayerStatus(False, "the zygote is not root, so it cannot give steps their own uid")
     )
+    problems = []
+    if status["uid_drop"].ok:
+        readable = _in_child(0, lambda: _check_readable_as(probe_uid))
+        if not readable.ok:
+            problems.append(readable.reason)
     status["rlimits"] = _in_child(0, lambda: rlimits.apply(Limits(), "python"))
     status["no_new_privs"] = _in_child(0, privileges.set_no_new_privs)
-    probed = Probed(Capabilities(status))
+    probed = Probed(Capabilities(status, problems))
     status["seccomp"] = _probe_seccomp(probed)
     for controller in ("memory", "pids"):
         status[f"cgroup_{controller}"] = _probe_cgroup(probed, controller, owner_pid)
@@ -85,6 +94,19 @@ def _probe_seccomp(probed: Probed) -> LayerStatus:
         seccomp.load(program)
 
     return _in_child(0, load)
+
+
+def _check_readable_as(uid: int) -> None:
+    """Steps import lazily: the interpreter's files must be readable by the slot uids."""
+    privileges.drop_to_uid(uid)
+    needed = [os.path.dirname(os.__file__), os.path.dirname(msgspec.__file__), node.RUNNER]
+    unreadable = [path for path in needed if not os.access(path, os.R_OK)]
+    if unreadable:
+        raise OSError(
+            errno.EACCES,
+            f"steps run as unprivileged uids and cannot read {', '.join(unreadable)}: make these "
+            "readable by all users (for example, use a Python installed outside /root)",
+        )
 
 
 def _mount_temp_dirs() -> None:

@@ -55,9 +55,14 @@ class LayerStatus(msgspec.Struct, frozen=True):
 
 
 class Capabilities(msgspec.Struct, frozen=True):
-    """What the probe found: layer name -> whether it works on this host, and why not."""
+    """What the probe found: layer name -> whether it works on this host, and why not.
+
+    `problems` are things that will break steps although every layer works (e.g. the runtime's
+    files not readable by the unprivileged step uid).
+    """
 
     layers: dict[str, LayerStatus]
+    problems: list[str] = []
 
     def available(self) -> list[str]:
         return sorted(name for name, status in self.layers.items() if status.ok)

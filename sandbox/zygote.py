@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     os.chdir("/")
     if os.geteuid() == 0:
         os.setgroups([])  # children must not inherit root's supplementary groups
-    os.makedirs(config.tmp_root, mode=0o711, exist_ok=True)
+    os.makedirs(config.tmp_root, exist_ok=True)
+    os.chmod(config.tmp_root, 0o711)  # slot uids may pass through to their own 0700 dirs
     wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wakeup_write)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop through the pipe
