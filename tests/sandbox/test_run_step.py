@@ -30,7 +30,10 @@ def test_python_step_gets_input_ctx_and_returns_output(run_step) -> None:
 
 def test_async_python_step(run_step) -> None:
     result = run_step(
-        "import asyncio\nasync def run(input, ctx):\n    await asyncio.sleep(0.01)\n    return input * 2\n",
+        "import asyncio\n"
+        "async def run(input, ctx):\n"
+        "    await asyncio.sleep(0.01)\n"
+        "    return input * 2\n",
         "--input",
         "21",
     )
