@@ -61,6 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="print which sandbox layers work on this host")
     _add_setting_flags(doctor)
+
+    serve = commands.add_parser("serve", help="run a worker: executions from Redis Streams")
+    serve.add_argument(
+        "--embedded-redis",
+        action="store_true",
+        help="start a private Redis for the life of this command and print its URL",
+    )
+    _add_setting_flags(serve)
+
+    submit = commands.add_parser("submit", help="enqueue an execution of an integration")
+    submit.add_argument("integration", help="an integration JSON file")
+    submit.add_argument("--input", default="null", help="JSON input, or @file.json")
+    submit.add_argument("--wait", action="store_true", help="wait and print the result")
+    submit.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (--wait)")
+    _add_setting_flags(submit)
+
+    demo = commands.add_parser(
+        "demo", help="run the bundled 6-step integration on an embedded Redis and one worker"
+    )
+    demo.add_argument("--runs", type=int, default=20, help="timed runs after the first")
+    _add_setting_flags(demo)
     return parser
 
 
@@ -90,12 +111,13 @@ def _sandbox_options(settings: Settings) -> SandboxOptions:
 # --- run-step ----------------------------------------------------------------------------------
 
 
-def _read_input(value: str) -> bytes:
+def read_json_input(value: str) -> Any:
+    """--input: JSON text, or @path to a JSON file."""
     text = value
     if value.startswith("@"):
         text = _read_text(Path(value[1:]), "input file")
     try:
-        return msgspec.msgpack.encode(msgspec.json.decode(text))
+        return msgspec.json.decode(text)
     except msgspec.DecodeError as exc:
         raise UsageError(f"--input is not valid JSON: {exc}") from exc
 
@@ -116,7 +138,7 @@ def step_spec_from_args(args: argparse.Namespace, exec_argv: list[str]) -> StepS
         pids=args.pids,
         network=args.network,
     )
-    data = _read_input(args.input)
+    data = msgspec.msgpack.encode(read_json_input(args.input))
     if args.exec:
         if not exec_argv:
             raise UsageError("--exec needs the program after --, as in: --exec -- jq .")
@@ -222,7 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings_from(args, dict(os.environ))
         if args.command == "run-step":
             return cmd_run_step(args, exec_argv, settings)
-        return cmd_doctor(settings)
+        if args.command == "doctor":
+            return cmd_doctor(settings)
+        from runnerd import commands  # the Redis side is only imported when used
+
+        handler = {"serve": commands.serve, "submit": commands.submit, "demo": commands.demo}
+        return int(_run(handler[args.command](args, settings)))
     except (UsageError, ConfigError) as exc:
         print(f"runnerd: {exc}", file=sys.stderr)
         return EXIT_USAGE

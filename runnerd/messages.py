@@ -1,10 +1,18 @@
-"""Structs that cross runnerd's boundaries (Redis, the CLI's JSON output)."""
+"""Structs that cross runnerd's boundaries: Redis (stream entries, checkpoints, results) and
+the CLI's JSON output. Each has one encoder/decoder below; a decode failure is a value the
+caller turns into a dead letter, never a crashed loop."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Literal
+
 import msgspec
 
-from sandbox.protocol import NIL, StepError
+from sandbox.protocol import NIL, Limits, Runtime, StepError
+
+ENTRY_VERSION = 1
+ExecutionStatus = Literal["succeeded", "failed", "dead"]
 
 
 class StepOutcome(msgspec.Struct, frozen=True):
@@ -25,3 +33,86 @@ class StepOutcome(msgspec.Struct, frozen=True):
     stderr_truncated: bool = False
     logs: list[str] = []
     layers: list[str] = []
+
+
+class StepDefinition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A step as it travels with an execution: code inline, limits resolved."""
+
+    name: str
+    runtime: Runtime
+    filename: str
+    source: str = ""
+    argv: list[str] = []
+    limits: Limits = Limits()
+    env: dict[str, str] = {}
+
+
+class Integration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An ordered list of steps; stored in Redis once per content hash."""
+
+    name: str
+    steps: list[StepDefinition]
+    retries: int = 0
+
+    @classmethod
+    def load(cls, path: str | Path) -> Integration:
+        """Read and validate an integration JSON file (ConfigError names the bad field)."""
+        from runnerd import integration  # integration.py builds on these Structs
+
+        return integration.load(path)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: str | Path = ".") -> Integration:
+        from runnerd import integration
+
+        return integration.from_dict(data, base_dir)
+
+
+class Execution(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The body of a work-stream entry. Payloads are not in here: they live under their own
+    keys, so a stream read stays small whatever the payload size."""
+
+    execution_id: str
+    integration: str  # content hash of the Integration
+    submitted_at: float
+    attempt: int = 1
+    version: int = ENTRY_VERSION
+
+
+class StepReport(msgspec.Struct, frozen=True):
+    """A step's outcome inside an execution result. The output is kept only when small
+    (`output_bytes` always says its size): the final output is the execution's own."""
+
+    name: str
+    outcome: StepOutcome
+    output_bytes: int = 0
+
+
+class Checkpoint(msgspec.Struct, frozen=True):
+    """Written after each finished step: where a reclaimed execution resumes."""
+
+    next_step: int
+    attempt: int
+    payload: msgspec.Raw  # the input of `next_step`
+    steps: list[StepReport] = []
+
+
+class ExecutionResult(msgspec.Struct, frozen=True):
+    execution_id: str
+    status: ExecutionStatus
+    output: msgspec.Raw = NIL
+    error: StepError | None = None
+    failed_step: str | None = None
+    steps: list[StepReport] = []
+    attempts: int = 1
+    worker: str = ""
+    queued_s: float = 0.0
+    duration_s: float = 0.0
+    finished_at: float = 0.0
+
+
+encoder = msgspec.msgpack.Encoder()
+integration_decoder = msgspec.msgpack.Decoder(Integration)
+execution_decoder = msgspec.msgpack.Decoder(Execution)
+checkpoint_decoder = msgspec.msgpack.Decoder(Checkpoint)
+result_decoder = msgspec.msgpack.Decoder(ExecutionResult)

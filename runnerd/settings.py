@@ -21,6 +21,17 @@ SandboxMode = Literal["strict", "best-effort"]
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    concurrency: int = 8
+    partitions: int = 1
+    key_prefix: str = "runnerd"
+    result_ttl_s: float = 86400.0
+    claim_idle_s: float = 30.0
+    max_deliveries: int = 5
+    drain_s: float = 25.0
+    retry_base_s: float = 1.0
+    retry_max_s: float = 60.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     sandbox_mode: SandboxMode = "best-effort"
     sandbox_require: tuple[str, ...] = ("uid_drop", "rlimits", "no_new_privs", "seccomp")
     sandbox_uid_base: int = 200_000
@@ -30,6 +41,19 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 SETTINGS_HELP: dict[str, str] = {
+    "redis_url": "Redis to take work from (REDIS_URL); a cluster is recognised by itself",
+    "concurrency": "executions this worker runs at once",
+    "partitions": "work streams the executions are spread over (each its own hash tag); "
+    "clients and workers must agree",
+    "key_prefix": "prefix of every Redis key, so several deployments can share one Redis",
+    "result_ttl_s": "how long results (and checkpoints) are kept",
+    "claim_idle_s": "an entry held this long by a silent worker is taken over by another",
+    "max_deliveries": "an entry delivered more often than this goes to the dead-letter stream",
+    "drain_s": "on SIGTERM, how long in-flight executions may finish before they are handed "
+    "back (keep it below ECS's stopTimeout, 30 s by default)",
+    "retry_base_s": "first retry delay of a failed execution (doubling, with jitter)",
+    "retry_max_s": "longest retry delay",
+    "log_level": "debug, info, warning or error",
     "sandbox_mode": "strict: refuse to run steps when a required layer is missing; "
     "best-effort: run with what the host allows and say so",
     "sandbox_require": "comma list of sandbox layers that must be present (see `runnerd doctor`)",
@@ -41,7 +65,7 @@ SETTINGS_HELP: dict[str, str] = {
 
 
 def env_name(field: str) -> str:
-    return f"RUNNERD_{field.upper()}"
+    return "REDIS_URL" if field == "redis_url" else f"RUNNERD_{field.upper()}"
 
 
 def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -85,10 +109,27 @@ def _validate(settings: Settings) -> Settings:
             f"{env_name('sandbox_require')}: unknown sandbox layer(s) {', '.join(unknown)}; "
             f"known: {', '.join(ALL_LAYERS)}"
         )
-    for field in ("sandbox_uid_base", "sandbox_slots", "pool_size"):
+    for field in ("sandbox_uid_base", "pool_size"):
         if getattr(settings, field) < 0:
             raise ConfigError(f"{env_name(field)}: must not be negative")
-    if settings.sandbox_slots < 1:
-        raise ConfigError(f"{env_name('sandbox_slots')}: must be at least 1")
+    for field in (
+        "sandbox_slots",
+        "concurrency",
+        "partitions",
+        "result_ttl_s",
+        "claim_idle_s",
+        "max_deliveries",
+        "retry_base_s",
+        "retry_max_s",
+    ):
+        if getattr(settings, field) <= 0:
+            raise ConfigError(f"{env_name(field)}: must be positive")
+    if settings.drain_s < 0:
+        raise ConfigError(f"{env_name('drain_s')}: must not be negative")
+    if settings.sandbox_slots < settings.concurrency + 2 * settings.pool_size:
+        raise ConfigError(
+            f"{env_name('sandbox_slots')}: must be at least concurrency + 2 x pool_size "
+            f"({settings.concurrency + 2 * settings.pool_size})"
+        )
     node = settings.node_path or shutil.which("node", path=os.environ.get("PATH")) or ""
     return msgspec.structs.replace(settings, node_path=node)

@@ -2,9 +2,9 @@
 
 `Zygote` owns the zygote process and its control socket (spawn, kill, exit reports).
 `Child` is one confined child: its step channel, its captured stdout/stderr, its pid.
-`Spawner` is what the rest of runnerd calls: `run_step(StepSpec) -> StepOutcome`, with a warm
-pool of already-confined children for the default limits, so that a step's latency is a frame
-round trip, not a fork and a confinement.
+`Spawner` is what the rest of runnerd calls: `run_step(StepSpec) -> StepOutcome`, with warm
+pools of already-confined children per kind of step (runnerd/pool.py), so that a step's latency
+is a frame round trip, not a fork and a confinement.
 
 The wall clock is enforced here, from outside the child: past `wall_s` the zygote SIGKILLs the
 child (pid 1 of its pid namespace, so everything it started dies with it).
@@ -30,6 +30,7 @@ import msgspec
 import sandbox
 from runnerd.errors import SandboxUnavailable
 from runnerd.messages import StepOutcome
+from runnerd.pool import WarmPool
 from sandbox import protocol
 from sandbox.errors import ProtocolError
 from sandbox.protocol import (
@@ -55,6 +56,7 @@ RESULT_OVERHEAD = 8 * MB  # logs and framing on top of the output limit
 STDIO_GRACE_S = 1.0  # after the result: how long to wait for the last of stdout/stderr
 EXIT_WAIT_S = 5.0  # after a kill: how long the zygote may take to report the exit
 CODE_CACHE_BYTES_MAX = 64 * MB
+POOL_KINDS_MAX = 8  # warm pools kept for this many (runtime, limits) kinds, least recent dropped
 
 
 @dataclass(frozen=True)
@@ -427,8 +429,8 @@ class Spawner:
     def __init__(self, zygote: Zygote, pool_size: int) -> None:
         self.zygote = zygote
         self.pool_size = pool_size
-        self._pools: dict[Runtime, asyncio.Queue[Child]] = {}
-        self._refills: set[asyncio.Task[None]] = set()
+        self._pools: OrderedDict[tuple[Runtime, Limits], WarmPool] = OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
         self._code_cache: OrderedDict[str, bytes] = OrderedDict()
         self._code_cache_bytes = 0
 
@@ -463,13 +465,13 @@ class Spawner:
         return outcome
 
     async def _acquire(self, runtime: Runtime, limits: Limits) -> Child | StepResult:
-        pool = self._pools.get(runtime)
-        if limits == Limits() and self.pool_size > 0:
-            if pool is None:
-                pool = self._pools[runtime] = asyncio.Queue()
-            self._refill(runtime, pool)
-            if not pool.empty():
-                return pool.get_nowait()
+        if self.pool_size > 0:
+            child = self._pool(runtime, limits).take()
+            if child is not None:
+                return child
+        return await self._spawn_ready(runtime, limits)
+
+    async def _spawn_ready(self, runtime: Runtime, limits: Limits) -> Child | StepResult:
         try:
             child = await self.zygote.spawn(runtime, limits)
         except SandboxUnavailable as exc:
@@ -477,22 +479,20 @@ class Spawner:
         failure = await child.wait_ready(limits.wall_s)
         return failure if failure is not None else child
 
-    def _refill(self, runtime: Runtime, pool: asyncio.Queue[Child]) -> None:
-        missing = (
-            self.pool_size - pool.qsize() - sum(1 for t in self._refills if t.get_name() == runtime)
-        )
-        for _ in range(max(0, missing)):
-            task = asyncio.create_task(self._warm_one(runtime, pool), name=runtime)
-            self._refills.add(task)
-            task.add_done_callback(self._refills.discard)
+    def _pool(self, runtime: Runtime, limits: Limits) -> WarmPool:
+        key = (runtime, limits)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = WarmPool(lambda: self._warm(runtime, limits), self.pool_size)
+            if len(self._pools) > POOL_KINDS_MAX:
+                _, evicted = self._pools.popitem(last=False)
+                self._closing.add(asyncio.create_task(evicted.close()))
+        self._pools.move_to_end(key)
+        return pool
 
-    async def _warm_one(self, runtime: Runtime, pool: asyncio.Queue[Child]) -> None:
-        try:
-            child = await self.zygote.spawn(runtime, Limits())
-        except SandboxUnavailable:
-            return
-        if await child.wait_ready(Limits().wall_s) is None:
-            pool.put_nowait(child)
+    async def _warm(self, runtime: Runtime, limits: Limits) -> Child | None:
+        child = await self._spawn_ready(runtime, limits)
+        return child if isinstance(child, Child) else None
 
     def _remember_code(self, key: str, code: bytes) -> None:
         if len(code) > CODE_CACHE_BYTES_MAX // 8:
@@ -504,11 +504,9 @@ class Spawner:
             self._code_cache_bytes -= len(evicted)
 
     async def close(self) -> None:
-        for task in list(self._refills):
-            task.cancel()
         for pool in self._pools.values():
-            while not pool.empty():
-                await pool.get_nowait().discard()
+            await pool.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         await self.zygote.close()
 
 

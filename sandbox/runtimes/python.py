@@ -43,6 +43,17 @@ def serve(channel: socket.socket, layers: list[str], tmpdir: str, output_mb: int
 
 
 def run(request: StepRequest, tmpdir: str) -> StepResult:
+    # A step may patch builtins (len, print, ...); the code that reports its result runs after
+    # it in the same interpreter, so it gets them back first.
+    saved_builtins = dict(builtins.__dict__)
+    try:
+        return _run(request, tmpdir)
+    finally:
+        builtins.__dict__.clear()
+        builtins.__dict__.update(saved_builtins)
+
+
+def _run(request: StepRequest, tmpdir: str) -> StepResult:
     started = time.perf_counter()
     log = StepLog()
     code_cache = None

@@ -1,0 +1,175 @@
+"""The public client: submit executions, wait for their results.
+
+    from runnerd.client import Client, Integration
+    integration = Integration.load("examples/chain.json")
+    async with Client.connect(redis_url) as client:
+        execution_id = await client.submit(integration, input={"n": 1})
+        result = await client.wait(execution_id, timeout=30)   # .status / .output / .steps
+        result = await client.run(integration, input={"n": 1}, timeout=30)
+
+A submit is one MULTI on one partition: store the integration (once per content hash), the
+input payload under its own key, and a small entry on the work stream. Waiting blocks on a
+per-execution list that the worker's completion pushes to (BLPOP), so nothing polls.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+
+from runnerd import integration as integration_module
+from runnerd.errors import StoreError
+from runnerd.keys import Keys
+from runnerd.messages import (
+    Execution,
+    ExecutionResult,
+    ExecutionStatus,
+    Integration,
+    StepReport,
+    encoder,
+    result_decoder,
+)
+from runnerd.store import ENTRY_FIELD, RedisClient
+from sandbox.protocol import StepError
+
+__all__ = ["Client", "Integration", "Result"]
+
+INTEGRATION_TTL_MS = 7 * 24 * 3600 * 1000
+INPUT_TTL_MS = 7 * 24 * 3600 * 1000
+WAIT_SLICE_S = 5.0  # a second waiter on one id may miss the wake-up; it re-reads this often
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished execution, its output decoded."""
+
+    execution_id: str
+    status: ExecutionStatus
+    output: Any
+    error: StepError | None
+    failed_step: str | None
+    steps: list[StepReport]
+    attempts: int
+    duration_s: float
+    raw: ExecutionResult
+
+    @classmethod
+    def from_raw(cls, raw: ExecutionResult) -> Result:
+        output = msgspec.msgpack.decode(raw.output) if raw.status == "succeeded" else None
+        return cls(
+            raw.execution_id,
+            raw.status,
+            output,
+            raw.error,
+            raw.failed_step,
+            raw.steps,
+            raw.attempts,
+            raw.duration_s,
+            raw,
+        )
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+
+async def open_redis(url: str) -> RedisClient:
+    """Connect and ping; a Redis Cluster is recognised and talked to as one."""
+    plain = aioredis.from_url(url)
+    try:
+        info = await plain.info("cluster")
+    except (OSError, aioredis.ConnectionError) as exc:
+        await plain.aclose()
+        raise StoreError(
+            f"cannot reach Redis at {url}: {exc}. Start one (apt-get install redis-server), "
+            "point REDIS_URL at yours, or use `runnerd serve --embedded-redis`."
+        ) from exc
+    if not info.get("cluster_enabled"):
+        return plain
+    await plain.aclose()
+    cluster = RedisCluster.from_url(url)
+    await cluster.initialize()
+    return cluster
+
+
+class Client:
+    def __init__(self, url: str, prefix: str = "runnerd", partitions: int = 1) -> None:
+        self.url = url
+        self.keys = Keys(prefix, partitions)
+        self._redis: RedisClient | None = None
+        self._next_partition = itertools.cycle(
+            random.sample(range(partitions), partitions)
+        ).__next__
+
+    @classmethod
+    def connect(cls, url: str, prefix: str = "runnerd", partitions: int = 1) -> Client:
+        """Use as `async with Client.connect(url) as client:`."""
+        return cls(url, prefix, partitions)
+
+    async def __aenter__(self) -> Client:
+        self._redis = await open_redis(self.url)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    @property
+    def redis(self) -> RedisClient:
+        if self._redis is None:
+            raise StoreError("the client is not connected: use `async with Client.connect(...)`")
+        return self._redis
+
+    async def submit(
+        self, integration: Integration, input: Any = None, *, execution_id: str | None = None
+    ) -> str:
+        """Enqueue one execution; returns its id. Spread over the partitions round-robin."""
+        partition = self.keys.partition_of(execution_id) if execution_id else self._next_partition()
+        execution_id = execution_id or self.keys.new_execution_id(partition)
+        digest = integration_module.digest(integration)
+        execution = Execution(execution_id, digest, time.time())
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(
+                self.keys.integration(partition, digest),
+                encoder.encode(integration),
+                px=INTEGRATION_TTL_MS,
+            )
+            pipe.set(self.keys.input(execution_id), encoder.encode(input), px=INPUT_TTL_MS)
+            pipe.xadd(self.keys.work(partition), {ENTRY_FIELD: encoder.encode(execution)})
+            await pipe.execute()
+        return execution_id
+
+    async def result(self, execution_id: str) -> Result | None:
+        raw: Any = await self.redis.get(self.keys.result(execution_id))
+        return Result.from_raw(result_decoder.decode(raw)) if raw is not None else None
+
+    async def wait(self, execution_id: str, timeout: float = 30.0) -> Result:
+        """The execution's result; TimeoutError if it has none after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = await self.result(execution_id)
+            if found is not None:
+                return found
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no result for {execution_id} after {timeout:g} s")
+            await self.redis.blpop([self.keys.done(execution_id)], timeout=min(left, WAIT_SLICE_S))
+
+    async def run(
+        self, integration: Integration, input: Any = None, timeout: float = 30.0
+    ) -> Result:
+        return await self.wait(await self.submit(integration, input), timeout)

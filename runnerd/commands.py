@@ -1,0 +1,163 @@
+"""The Redis-side subcommands: serve, submit, demo. cli.py parses; these do one thing each."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from runnerd import log
+from runnerd.cli import EXIT_FAILED, EXIT_OK, check_required_layers, outcome_json, read_json_input
+from runnerd.client import Client, Result
+from runnerd.daemon import Worker, WorkerConfig
+from runnerd.embedded import EmbeddedRedis
+from runnerd.errors import SandboxUnavailable
+from runnerd.messages import Integration
+from runnerd.settings import Settings
+from runnerd.spawner import SandboxOptions
+
+DEMO = Path(__file__).resolve().parent / "demo" / "integration.json"
+
+
+def worker_config(settings: Settings, redis_url: str | None = None) -> WorkerConfig:
+    return WorkerConfig(
+        redis_url=redis_url or settings.redis_url,
+        concurrency=settings.concurrency,
+        partitions=settings.partitions,
+        key_prefix=settings.key_prefix,
+        result_ttl_s=settings.result_ttl_s,
+        claim_idle_s=settings.claim_idle_s,
+        max_deliveries=settings.max_deliveries,
+        drain_s=settings.drain_s,
+        retry_base_s=settings.retry_base_s,
+        retry_max_s=settings.retry_max_s,
+        pool_size=settings.pool_size,
+        sandbox=SandboxOptions(
+            uid_base=settings.sandbox_uid_base,
+            slots=settings.sandbox_slots,
+            node_path=settings.node_path,
+        ),
+    )
+
+
+@contextlib.asynccontextmanager
+async def redis_url_for(settings: Settings, embedded: bool) -> AsyncIterator[str]:
+    if not embedded:
+        yield settings.redis_url
+        return
+    async with EmbeddedRedis() as redis:
+        yield redis.url
+
+
+async def start_worker(settings: Settings, redis_url: str) -> Worker:
+    worker = await Worker.start(worker_config(settings, redis_url))
+    refusal = check_required_layers(settings, worker.spawner.capabilities)
+    if refusal is not None:
+        await worker.close()
+        raise SandboxUnavailable(refusal)
+    return worker
+
+
+async def serve(args: argparse.Namespace, settings: Settings) -> int:
+    log.configure(settings.log_level)
+    async with redis_url_for(settings, args.embedded_redis) as url:
+        if args.embedded_redis:
+            hint = f"submit with: REDIS_URL={url} runnerd submit ..."
+            print(f"runnerd: embedded Redis at {url} — {hint}", file=sys.stderr)
+        worker = await start_worker(settings, url)
+        try:
+            await worker.serve()
+        finally:
+            await worker.close()
+    return EXIT_OK
+
+
+def result_json(result: Result) -> dict[str, Any]:
+    return {
+        "execution_id": result.execution_id,
+        "status": result.status,
+        "output": result.output,
+        "error": msgspec.structs.asdict(result.error) if result.error else None,
+        "failed_step": result.failed_step,
+        "attempts": result.attempts,
+        "duration_s": result.duration_s,
+        "steps": [
+            {
+                "name": report.name,
+                "output_bytes": report.output_bytes,
+                **outcome_json(report.outcome),
+            }
+            for report in result.steps
+        ],
+    }
+
+
+async def submit(args: argparse.Namespace, settings: Settings) -> int:
+    integration = Integration.load(args.integration)
+    data = read_json_input(args.input)
+    async with Client.connect(
+        settings.redis_url, settings.key_prefix, settings.partitions
+    ) as client:
+        execution_id = await client.submit(integration, data)
+        if not args.wait:
+            print(execution_id)
+            return EXIT_OK
+        result = await client.wait(execution_id, timeout=args.timeout)
+    sys.stdout.write(msgspec.json.encode(result_json(result)).decode() + "\n")
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+async def demo(args: argparse.Namespace, settings: Settings) -> int:
+    integration = Integration.load(DEMO)
+    async with EmbeddedRedis() as redis:
+        worker = await start_worker(settings, redis.url)
+        serving = asyncio_task(worker.serve(install_signals=False))
+        try:
+            async with Client.connect(
+                redis.url, settings.key_prefix, settings.partitions
+            ) as client:
+                first = await client.run(integration, {"orders": 5}, timeout=60)
+                timings = []
+                for _ in range(max(0, args.runs)):
+                    started = time.perf_counter()
+                    await client.run(integration, {"orders": 5}, timeout=60)
+                    timings.append(time.perf_counter() - started)
+        finally:
+            worker.stopping.set()
+            await serving
+            await worker.close()
+    _print_demo(integration, first, timings)
+    return EXIT_OK if first.ok else EXIT_FAILED
+
+
+def asyncio_task(coroutine: Any) -> Any:
+    import asyncio
+
+    return asyncio.create_task(coroutine)
+
+
+def _print_demo(integration: Integration, result: Result, timings: list[float]) -> None:
+    print(
+        f"integration {integration.name!r}: {len(integration.steps)} steps, each in a fresh sandbox"
+    )
+    for report in result.steps:
+        outcome = report.outcome
+        status = "ok" if outcome.ok else f"FAILED ({outcome.error.type if outcome.error else '?'})"
+        print(f"  {report.name:<10} {status:<8} {outcome.duration_s * 1000:7.1f} ms in the step")
+    print(f"status: {result.status}")
+    print(f"output: {msgspec.json.encode(result.output).decode()}")
+    if timings:
+        timings.sort()
+        p50 = statistics.median(timings) * 1000
+        worst = timings[-1] * 1000
+        print(
+            f"end to end over {len(timings)} more runs (submit -> result, through Redis): "
+            f"p50 {p50:.1f} ms, max {worst:.1f} ms"
+        )

@@ -1,0 +1,239 @@
+"""`runnerd serve`: wiring and lifecycle of one worker.
+
+    start: connect to Redis, create the consumer groups, start the sandbox (zygote + warm pool)
+    run:   per partition, a reader that takes new entries while there is capacity (XREADGROUP
+           BLOCK); a reclaimer that takes over entries of dead workers (XAUTOCLAIM); a promoter
+           that moves due retries back to the stream; a heartbeat that keeps this worker's own
+           in-flight entries from looking idle
+    drain: on SIGTERM/SIGINT stop reading, let in-flight executions finish within drain_s, give
+           the rest back to the group (another worker picks them up at once), exit 0
+
+Every loop survives Redis errors: it logs, backs off and tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from runnerd.client import open_redis
+from runnerd.executor import Executor, RetryPolicy
+from runnerd.keys import Keys
+from runnerd.spawner import SandboxOptions, Spawner
+from runnerd.store import Entry, RedisClient, Store
+
+log = logging.getLogger("runnerd.daemon")
+READ_BLOCK_MS = 1000
+BACKOFF_MAX_S = 5.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    redis_url: str
+    concurrency: int = 8
+    partitions: int = 1
+    key_prefix: str = "runnerd"
+    result_ttl_s: float = 86400.0
+    claim_idle_s: float = 30.0
+    max_deliveries: int = 5
+    drain_s: float = 25.0
+    retry_base_s: float = 1.0
+    retry_max_s: float = 60.0
+    dead_letter_max_len: int = 100_000
+    pool_size: int = 2
+    sandbox: SandboxOptions = SandboxOptions()
+
+
+class Capacity:
+    """How many more executions this worker may run; taken in batches by the readers."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._changed = asyncio.Event()
+
+    def take_now(self, most: int) -> int:
+        taken = min(most, self.free)
+        self.free -= taken
+        return taken
+
+    async def take(self, most: int) -> int:
+        """At least one slot (waiting for it), at most `most`."""
+        while self.free == 0:
+            self._changed.clear()
+            await self._changed.wait()
+        return self.take_now(most)
+
+    def give(self, count: int) -> None:
+        if count > 0:
+            self.free += count
+            self._changed.set()
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, redis: RedisClient, spawner: Spawner) -> None:
+        self.config = config
+        self.redis = redis
+        self.spawner = spawner
+        self.keys = Keys(config.key_prefix, config.partitions)
+        self.store = Store(redis, self.keys, config.result_ttl_s)
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.executor = Executor(
+            self.store,
+            spawner,
+            self.worker_id,
+            RetryPolicy(config.retry_base_s, config.retry_max_s),
+            config.max_deliveries,
+            config.dead_letter_max_len,
+        )
+        self.capacity = Capacity(config.concurrency)
+        self.in_flight: dict[tuple[int, bytes], tuple[Entry, asyncio.Task[None]]] = {}
+        self.stopping = asyncio.Event()
+        self.finished = 0
+
+    @classmethod
+    async def start(cls, config: WorkerConfig) -> Worker:
+        redis = await open_redis(config.redis_url)
+        spawner = await Spawner.start(config.sandbox, pool_size=config.pool_size)
+        worker = cls(config, redis, spawner)
+        await worker.store.ensure_groups()
+        return worker
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def serve(self, install_signals: bool = True) -> None:
+        if install_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stopping.set)
+        loops = [self._reader(p) for p in range(self.config.partitions)]
+        loops += [self._every(self.config.claim_idle_s / 2, self._reclaim)]
+        loops += [
+            self._every(0.25, self._promote),
+            self._every(self.config.claim_idle_s / 3, self._heartbeat),
+        ]
+        tasks = [asyncio.create_task(coroutine) for coroutine in loops]
+        log.info("worker %s serving %d partition(s)", self.worker_id, self.config.partitions)
+        await self.stopping.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.drain()
+
+    async def drain(self) -> None:
+        pending = [task for _, task in self.in_flight.values()]
+        if pending:
+            log.info(
+                "draining %d in-flight execution(s), up to %g s", len(pending), self.config.drain_s
+            )
+            await asyncio.wait(pending, timeout=self.config.drain_s)
+        for entry, task in list(self.in_flight.values()):
+            task.cancel()
+            with contextlib.suppress(RedisError, OSError):
+                await self.store.give_back(entry)
+        await asyncio.gather(*(task for _, task in self.in_flight.values()), return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.spawner.close()
+        await self.redis.aclose()
+
+    # --- loops -----------------------------------------------------------------------------
+
+    async def _reader(self, partition: int) -> None:
+        failures = 0
+        while True:
+            slots = await self.capacity.take(self.config.concurrency)
+            entries: list[Entry] = []
+            try:
+                entries = await self.store.read_new(partition, self.worker_id, slots, READ_BLOCK_MS)
+                failures = 0
+            except RedisError as exc:
+                failures += 1
+                await self._back_off("read", exc, failures)
+            finally:
+                self.capacity.give(slots - len(entries))
+            for entry in entries:
+                self._start(entry)
+
+    def _start(self, entry: Entry) -> None:
+        """Run an entry whose capacity slot is already taken."""
+        key = (entry.partition, entry.entry_id)
+        if key in self.in_flight:  # reclaimed from ourselves: it is already running here
+            self.capacity.give(1)
+            return
+        task = asyncio.create_task(self._execute(entry))
+        self.in_flight[key] = (entry, task)
+
+    async def _execute(self, entry: Entry) -> None:
+        try:
+            await self._with_retries(lambda: self.executor.handle(entry))
+            self.finished += 1
+        finally:
+            self.in_flight.pop((entry.partition, entry.entry_id), None)
+            self.capacity.give(1)
+
+    async def _with_retries(self, action: Callable[[], Awaitable[object]]) -> None:
+        """Run an execution; when Redis fails under it, try again (its checkpoint makes the
+        retry cheap) until it goes through or the worker drains."""
+        failures = 0
+        while True:
+            try:
+                await action()
+                return
+            except RedisError as exc:
+                failures += 1
+                if self.stopping.is_set():
+                    raise
+                await self._back_off("execution", exc, failures)
+
+    async def _reclaim(self) -> None:
+        for partition in range(self.config.partitions):
+            free = self.capacity.take_now(self.config.concurrency)
+            if free == 0:
+                return
+            entries: list[Entry] = []
+            try:
+                idle_ms = int(self.config.claim_idle_s * 1000)
+                entries = await self.store.reclaim(partition, self.worker_id, idle_ms, free)
+            finally:
+                self.capacity.give(free - len(entries))
+            for entry in entries:
+                log.info(
+                    "reclaimed entry %s (delivery %d)", entry.entry_id.decode(), entry.deliveries
+                )
+                self._start(entry)
+
+    async def _promote(self) -> None:
+        for partition in range(self.config.partitions):
+            await self.store.promote_due(partition)
+
+    async def _heartbeat(self) -> None:
+        by_partition: dict[int, list[bytes]] = {}
+        for partition, entry_id in list(self.in_flight):
+            by_partition.setdefault(partition, []).append(entry_id)
+        for partition, entry_ids in by_partition.items():
+            await self.store.touch(partition, self.worker_id, entry_ids)
+
+    async def _every(self, interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
+        failures = 0
+        while True:
+            try:
+                await action()
+                failures = 0
+            except RedisError as exc:
+                failures += 1
+                await self._back_off(action.__name__.strip("_"), exc, failures)
+            await asyncio.sleep(interval_s)
+
+    async def _back_off(self, what: str, exc: Exception, failures: int) -> None:
+        delay = min(BACKOFF_MAX_S, 0.1 * 2 ** min(failures, 6))
+        log.warning("redis error in %s (%s); retrying in %.1f s", what, exc, delay)
+        await asyncio.sleep(delay)

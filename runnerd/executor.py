@@ -1,0 +1,192 @@
+"""One execution, step after step, on this worker: the output of step k is the input of step
+k+1, in memory. After each step a checkpoint is written, so that a worker that picks up this
+entry after a crash resumes at the first unfinished step. The outcome (succeeded, failed,
+retry later, dead) is decided here, in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from runnerd.messages import (
+    Checkpoint,
+    Execution,
+    ExecutionResult,
+    ExecutionStatus,
+    Integration,
+    StepDefinition,
+    StepOutcome,
+    StepReport,
+    execution_decoder,
+)
+from runnerd.spawner import Spawner, StepSpec
+from runnerd.store import Entry, Store
+from sandbox.protocol import NIL, StepContext, StepError
+
+log = logging.getLogger("runnerd.executor")
+STEP_OUTPUT_KEPT_MAX = 64 * 1024  # per-step outputs in a result are kept only when this small
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    base_s: float = 1.0
+    max_s: float = 60.0
+
+    def delay_s(self, attempt: int) -> float:
+        """Exponential backoff with full jitter around it (attempt 1 is the first retry)."""
+        ceiling = min(self.max_s, self.base_s * 2 ** (attempt - 1))
+        return float(ceiling * (0.5 + random.random() / 2))
+
+
+class Executor:
+    def __init__(
+        self,
+        store: Store,
+        spawner: Spawner,
+        worker_id: str,
+        retry: RetryPolicy,
+        max_deliveries: int,
+        dead_letter_max_len: int,
+    ) -> None:
+        self.store = store
+        self.spawner = spawner
+        self.worker_id = worker_id
+        self.retry = retry
+        self.max_deliveries = max_deliveries
+        self.dead_letter_max_len = dead_letter_max_len
+        self._integrations: dict[str, Integration] = {}
+
+    async def handle(self, entry: Entry) -> ExecutionStatus | None:
+        """Run one entry to its end state. None when it was parked for a retry."""
+        try:
+            execution = execution_decoder.decode(entry.body or b"")
+        except (msgspec.DecodeError, TypeError) as exc:
+            await self._dead(entry, None, f"undecodable entry: {exc}")
+            return "dead"
+        if entry.deliveries > self.max_deliveries:
+            reason = f"delivered {entry.deliveries} times (limit {self.max_deliveries})"
+            await self._dead(entry, execution, reason)
+            return "dead"
+        integration = await self._integration(entry.partition, execution.integration)
+        if integration is None:
+            await self._dead(entry, execution, "integration definition not found")
+            return "dead"
+        return await self._run(entry, execution, integration)
+
+    async def _run(
+        self, entry: Entry, execution: Execution, integration: Integration
+    ) -> ExecutionStatus | None:
+        started = time.time()
+        execution_id = execution.execution_id
+        checkpoint = await self.store.checkpoint(execution_id)
+        if checkpoint is None:
+            payload = await self.store.input(execution_id)
+            if payload is None:
+                await self._dead(entry, execution, "input payload not found")
+                return "dead"
+            checkpoint = Checkpoint(0, execution.attempt, msgspec.Raw(payload))
+        attempt = max(execution.attempt, checkpoint.attempt)
+        reports = list(checkpoint.steps)
+        payload_raw = checkpoint.payload
+        pending_save: asyncio.Task[None] | None = None
+        for index in range(checkpoint.next_step, len(integration.steps)):
+            step = integration.steps[index]
+            outcome = await self.spawner.run_step(
+                _spec(step, bytes(payload_raw), execution_id, attempt)
+            )
+            reports.append(_report(step, outcome))
+            if pending_save is not None:
+                await pending_save
+            if not outcome.ok:
+                if attempt <= integration.retries:
+                    retry = Checkpoint(index, attempt + 1, payload_raw, reports[:-1])
+                    await self.store.save_checkpoint(execution_id, retry)
+                    again = msgspec.structs.replace(execution, attempt=attempt + 1)
+                    await self.store.retry_later(entry, again, self.retry.delay_s(attempt))
+                    return None
+                result = self._result(execution, "failed", NIL, reports, attempt, started)
+                result = msgspec.structs.replace(result, error=outcome.error, failed_step=step.name)
+                await self.store.complete(entry, result)
+                return "failed"
+            payload_raw = outcome.output
+            if index + 1 < len(integration.steps):
+                # Overlap the checkpoint write with the next step: losing it only means redoing
+                # this step after a crash, which at-least-once delivery allows anyway.
+                saved = Checkpoint(index + 1, attempt, payload_raw, reports)
+                pending_save = asyncio.create_task(self.store.save_checkpoint(execution_id, saved))
+        result = self._result(execution, "succeeded", payload_raw, reports, attempt, started)
+        await self.store.complete(entry, result)
+        return "succeeded"
+
+    def _result(
+        self,
+        execution: Execution,
+        status: ExecutionStatus,
+        output: msgspec.Raw,
+        steps: list[StepReport],
+        attempt: int,
+        started: float,
+    ) -> ExecutionResult:
+        now = time.time()
+        return ExecutionResult(
+            execution_id=execution.execution_id,
+            status=status,
+            output=output,
+            steps=steps,
+            attempts=attempt,
+            worker=self.worker_id,
+            queued_s=max(0.0, started - execution.submitted_at),
+            duration_s=now - started,
+            finished_at=now,
+        )
+
+    async def _dead(self, entry: Entry, execution: Execution | None, reason: str) -> None:
+        log.warning("dead-lettered entry %s: %s", entry.entry_id.decode(), reason)
+        result = None
+        if execution is not None:
+            result = ExecutionResult(
+                execution_id=execution.execution_id,
+                status="dead",
+                error=StepError("protocol", reason),
+                attempts=execution.attempt,
+                worker=self.worker_id,
+                finished_at=time.time(),
+            )
+        await self.store.dead_letter(entry, reason, result, self.dead_letter_max_len)
+
+    async def _integration(self, partition: int, digest: str) -> Integration | None:
+        cached = self._integrations.get(digest)
+        if cached is None:
+            try:
+                cached = await self.store.integration(partition, digest)
+            except msgspec.DecodeError:
+                return None
+            if cached is not None and len(self._integrations) < 1024:
+                self._integrations[digest] = cached
+        return cached
+
+
+def _spec(step: StepDefinition, payload: bytes, execution_id: str, attempt: int) -> StepSpec:
+    return StepSpec(
+        runtime=step.runtime,
+        filename=step.filename,
+        source=step.source,
+        input=payload,
+        limits=step.limits,
+        argv=tuple(step.argv),
+        env=step.env,
+        context=StepContext(execution_id, step.name, attempt),
+    )
+
+
+def _report(step: StepDefinition, outcome: StepOutcome) -> StepReport:
+    size = len(outcome.output) if outcome.ok else 0
+    if size > STEP_OUTPUT_KEPT_MAX:
+        outcome = msgspec.structs.replace(outcome, output=NIL)
+    return StepReport(step.name, outcome, size)

@@ -1,0 +1,154 @@
+"""Reading an integration file: validated with msgspec, every error naming its field.
+
+The file format (JSON):
+
+    {"name": "orders", "retries": 2, "limits": {"wall_s": 10},
+     "steps": [{"name": "fetch", "code": "steps/fetch.py"},
+               {"name": "shape", "runtime": "node",
+                "source": "export function run(i) { return i }"},
+               {"name": "sort", "exec": ["jq", "sort"], "network": true,
+                "limits": {"memory_mb": 256}}]}
+
+`code` paths are resolved relative to the file and their text travels with the execution, so
+workers need no shared disk. Limits merge: defaults, then the integration's, then the step's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from runnerd.errors import ConfigError
+from runnerd.messages import Integration, StepDefinition, encoder
+from sandbox.protocol import Limits, Runtime
+
+RUNTIME_BY_SUFFIX: dict[str, Runtime] = {
+    ".py": "python",
+    ".js": "node",
+    ".mjs": "node",
+    ".cjs": "node",
+}
+RETRIES_MAX = 20
+
+
+class LimitsOverride(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    wall_s: float | None = None
+    cpu_s: int | None = None
+    memory_mb: int | None = None
+    pids: int | None = None
+    open_files: int | None = None
+    file_size_mb: int | None = None
+    tmp_mb: int | None = None
+    output_mb: int | None = None
+    stdio_kb: int | None = None
+    network: bool | None = None
+
+
+class StepFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    code: str | None = None
+    source: str | None = None
+    runtime: Runtime | None = None
+    exec: list[str] | None = None
+    limits: LimitsOverride | None = None
+    network: bool | None = None
+    env: dict[str, str] = {}
+
+
+class IntegrationFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    steps: list[StepFile]
+    retries: int = 0
+    limits: LimitsOverride | None = None
+
+
+def load(path: str | Path) -> Integration:
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read integration file {str(path)!r}: {exc.strerror}") from exc
+    try:
+        spec = msgspec.json.decode(text, type=IntegrationFile)
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return _resolve(spec, path.parent, str(path))
+
+
+def from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> Integration:
+    try:
+        spec = msgspec.convert(data, IntegrationFile)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"integration: {exc}") from exc
+    return _resolve(spec, Path(base_dir), "integration")
+
+
+def digest(integration: Integration) -> str:
+    return hashlib.sha256(encoder.encode(integration)).hexdigest()
+
+
+def _resolve(spec: IntegrationFile, base: Path, where: str) -> Integration:
+    if not spec.steps:
+        raise ConfigError(f"{where}: `$.steps` must list at least one step")
+    if not 0 <= spec.retries <= RETRIES_MAX:
+        raise ConfigError(f"{where}: `$.retries` must be between 0 and {RETRIES_MAX}")
+    names = [step.name for step in spec.steps]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConfigError(f"{where}: step names must be unique; repeated: {', '.join(duplicates)}")
+    base_limits = _merge(Limits(), spec.limits, where, "$.limits")
+    steps = [
+        _resolve_step(step, base, base_limits, where, f"$.steps[{index}]")
+        for index, step in enumerate(spec.steps)
+    ]
+    return Integration(name=spec.name, steps=steps, retries=spec.retries)
+
+
+def _resolve_step(
+    step: StepFile, base: Path, limits: Limits, where: str, at: str
+) -> StepDefinition:
+    kinds = [kind for kind in ("code", "source", "exec") if getattr(step, kind) is not None]
+    if len(kinds) != 1:
+        raise ConfigError(f"{where}: `{at}` needs exactly one of code, source or exec")
+    limits = _merge(limits, step.limits, where, f"{at}.limits")
+    if step.network is not None:
+        limits = msgspec.structs.replace(limits, network=step.network)
+    if step.exec is not None:
+        if not step.exec:
+            raise ConfigError(f"{where}: `{at}.exec` must name a program")
+        return StepDefinition(
+            step.name, "exec", step.exec[0], argv=step.exec, limits=limits, env=step.env
+        )
+    if step.source is not None:
+        return StepDefinition(
+            step.name,
+            step.runtime or "python",
+            step.name,
+            source=step.source,
+            limits=limits,
+            env=step.env,
+        )
+    code_path = base / str(step.code)
+    runtime = RUNTIME_BY_SUFFIX.get(code_path.suffix)
+    if runtime is None:
+        raise ConfigError(f"{where}: `{at}.code` must be a .py, .js, .mjs or .cjs file")
+    try:
+        source = code_path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: `{at}.code`: cannot read {str(code_path)!r}: {exc}") from exc
+    return StepDefinition(
+        step.name, runtime, code_path.name, source=source, limits=limits, env=step.env
+    )
+
+
+def _merge(limits: Limits, override: LimitsOverride | None, where: str, at: str) -> Limits:
+    if override is None:
+        return limits
+    changes = {k: v for k, v in msgspec.structs.asdict(override).items() if v is not None}
+    for key, value in changes.items():
+        if not isinstance(value, bool) and value <= 0:
+            raise ConfigError(f"{where}: `{at}.{key}` must be positive")
+    return msgspec.structs.replace(limits, **changes)

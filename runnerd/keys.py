@@ -1,0 +1,65 @@
+"""Every Redis key and stream name runnerd uses, in one place.
+
+The work is split into partitions. Each partition's keys share one hash tag, `{<prefix>-<n>}`,
+so on Redis Cluster each partition lives in one slot (its Lua scripts may touch all of its keys)
+while the partitions spread over the masters. An execution id starts with its partition
+(`3-9f2c...`), so every key of an execution can be derived from its id alone.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+GROUP = "runnerd"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+    partitions: int
+
+    def tag(self, partition: int) -> str:
+        return f"{{{self.prefix}-{partition}}}"
+
+    def work(self, partition: int) -> str:
+        """The stream of executions to run (consumer group GROUP)."""
+        return f"{self.tag(partition)}:work"
+
+    def delayed(self, partition: int) -> str:
+        """Sorted set of executions waiting for a retry, scored by due time (ms)."""
+        return f"{self.tag(partition)}:delayed"
+
+    def dead(self, partition: int) -> str:
+        """Dead-letter stream: entries that could not be run, with the reason."""
+        return f"{self.tag(partition)}:dead"
+
+    def integration(self, partition: int, digest: str) -> str:
+        """An integration definition (code included), stored once by content hash."""
+        return f"{self.tag(partition)}:integration:{digest}"
+
+    def new_execution_id(self, partition: int) -> str:
+        return f"{partition}-{uuid.uuid4().hex}"
+
+    def partition_of(self, execution_id: str) -> int:
+        head, sep, _ = execution_id.partition("-")
+        if not sep or not head.isdigit() or int(head) >= self.partitions:
+            raise ValueError(f"not an execution id of this deployment: {execution_id!r}")
+        return int(head)
+
+    def _execution(self, execution_id: str, kind: str) -> str:
+        return f"{self.tag(self.partition_of(execution_id))}:{kind}:{execution_id}"
+
+    def input(self, execution_id: str) -> str:
+        """The execution's input payload (msgpack), kept out of the stream entry."""
+        return self._execution(execution_id, "input")
+
+    def checkpoint(self, execution_id: str) -> str:
+        return self._execution(execution_id, "checkpoint")
+
+    def result(self, execution_id: str) -> str:
+        return self._execution(execution_id, "result")
+
+    def done(self, execution_id: str) -> str:
+        """A list that gets one element when the result is written: waiters BLPOP it."""
+        return self._execution(execution_id, "done")

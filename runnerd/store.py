@@ -1,0 +1,236 @@
+"""Everything runnerd keeps in Redis, and the atomic operations on it.
+
+Each state change an execution goes through is one Lua script touching only its partition's
+keys (one hash tag, so one cluster slot): complete (result + wake waiters + ack + clean up),
+retry later (park in the delayed set + ack), promote due retries, dead-letter, give back.
+Completing twice leaves the first result (SET NX) and still acks, so two workers racing after
+a reclaim end with one result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
+
+from runnerd.keys import GROUP, Keys
+from runnerd.messages import (
+    Checkpoint,
+    Execution,
+    ExecutionResult,
+    Integration,
+    checkpoint_decoder,
+    encoder,
+    integration_decoder,
+)
+
+RedisClient = aioredis.Redis | RedisCluster
+ENTRY_FIELD = b"e"
+
+_COMPLETE = """
+local written = redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4], 'NX')
+if written then
+  redis.call('RPUSH', KEYS[2], '1')
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[3], ARGV[2])
+redis.call('DEL', KEYS[4], KEYS[5])
+if written then return 1 end
+return 0
+"""
+
+_RETRY_LATER = """
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+
+_PROMOTE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, body in ipairs(due) do
+  redis.call('XADD', KEYS[1], '*', 'e', body)
+  redis.call('ZREM', KEYS[2], body)
+end
+return #due
+"""
+
+_DEAD_LETTER = """
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'reason', ARGV[3], 'entry', ARGV[4],
+           'entry_id', ARGV[2])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+if #KEYS > 2 then
+  if redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7], 'NX') then
+    redis.call('RPUSH', KEYS[4], '1')
+    redis.call('PEXPIRE', KEYS[4], ARGV[7])
+  end
+  redis.call('DEL', KEYS[5], KEYS[6])
+end
+return 1
+"""
+
+_GIVE_BACK = """
+redis.call('XADD', KEYS[1], '*', 'e', ARGV[3])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One work-stream entry as read: where it is, its raw body, and how often it was delivered."""
+
+    partition: int
+    entry_id: bytes
+    body: bytes | None  # None: the entry had no body field
+    deliveries: int = 1
+
+
+class Store:
+    def __init__(self, redis: RedisClient, keys: Keys, result_ttl_s: float) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.result_ttl_ms = int(result_ttl_s * 1000)
+        self._complete = redis.register_script(_COMPLETE)
+        self._retry_later = redis.register_script(_RETRY_LATER)
+        self._promote_due = redis.register_script(_PROMOTE_DUE)
+        self._dead_letter = redis.register_script(_DEAD_LETTER)
+        self._give_back = redis.register_script(_GIVE_BACK)
+
+    # --- set-up and reading ----------------------------------------------------------------
+
+    async def ensure_groups(self) -> None:
+        for partition in range(self.keys.partitions):
+            try:
+                await self.redis.xgroup_create(
+                    self.keys.work(partition), GROUP, id="0", mkstream=True
+                )
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def read_new(
+        self, partition: int, consumer: str, count: int, block_ms: int
+    ) -> list[Entry]:
+        stream = self.keys.work(partition)
+        reply: Any = await self.redis.xreadgroup(
+            GROUP, consumer, {stream: ">"}, count=count, block=block_ms
+        )
+        return [
+            Entry(partition, entry_id, fields.get(ENTRY_FIELD))
+            for _, entries in reply or []
+            for entry_id, fields in entries
+        ]
+
+    async def reclaim(
+        self, partition: int, consumer: str, min_idle_ms: int, count: int
+    ) -> list[Entry]:
+        """Take over entries another consumer has held longer than `min_idle_ms` (it died)."""
+        stream = self.keys.work(partition)
+        reply: Any = await self.redis.xautoclaim(
+            stream, GROUP, consumer, min_idle_ms, start_id="0-0", count=count
+        )
+        claimed = [(entry_id, fields) for entry_id, fields in reply[1] if fields is not None]
+        entries = []
+        for entry_id, fields in claimed:
+            pending: Any = await self.redis.xpending_range(
+                stream, GROUP, min=entry_id, max=entry_id, count=1
+            )
+            deliveries = pending[0]["times_delivered"] if pending else 1
+            entries.append(Entry(partition, entry_id, fields.get(ENTRY_FIELD), deliveries))
+        return entries
+
+    async def touch(self, partition: int, consumer: str, entry_ids: list[bytes]) -> None:
+        """Reset the idle time of entries this worker is still running, so nobody steals them."""
+        if entry_ids:
+            ids: list[Any] = list(entry_ids)
+            await self.redis.xclaim(self.keys.work(partition), GROUP, consumer, 0, ids, justid=True)
+
+    async def get(self, key: str) -> bytes | None:
+        raw: Any = await self.redis.get(key)
+        return bytes(raw) if raw is not None else None
+
+    async def integration(self, partition: int, digest: str) -> Integration | None:
+        raw = await self.get(self.keys.integration(partition, digest))
+        return integration_decoder.decode(raw) if raw is not None else None
+
+    async def input(self, execution_id: str) -> bytes | None:
+        return await self.get(self.keys.input(execution_id))
+
+    async def checkpoint(self, execution_id: str) -> Checkpoint | None:
+        raw = await self.get(self.keys.checkpoint(execution_id))
+        if raw is None:
+            return None
+        try:
+            return checkpoint_decoder.decode(raw)
+        except msgspec.DecodeError:
+            return None  # a torn or foreign checkpoint: start from the input instead
+
+    async def save_checkpoint(self, execution_id: str, checkpoint: Checkpoint) -> None:
+        await self.redis.set(
+            self.keys.checkpoint(execution_id), encoder.encode(checkpoint), px=self.result_ttl_ms
+        )
+
+    # --- state changes, each one atomic ----------------------------------------------------
+
+    async def complete(self, entry: Entry, result: ExecutionResult) -> bool:
+        """Write the result, wake waiters, ack. False if another worker had completed it."""
+        k = self.keys
+        execution_id = result.execution_id
+        written = await self._complete(
+            keys=[
+                k.result(execution_id),
+                k.done(execution_id),
+                k.work(entry.partition),
+                k.checkpoint(execution_id),
+                k.input(execution_id),
+            ],
+            args=[GROUP, entry.entry_id, encoder.encode(result), self.result_ttl_ms],
+        )
+        return bool(written)
+
+    async def retry_later(self, entry: Entry, execution: Execution, delay_s: float) -> None:
+        due_ms = int((time.time() + delay_s) * 1000)
+        await self._retry_later(
+            keys=[self.keys.work(entry.partition), self.keys.delayed(entry.partition)],
+            args=[GROUP, entry.entry_id, due_ms, encoder.encode(execution)],
+        )
+
+    async def promote_due(self, partition: int, limit: int = 100) -> int:
+        now_ms = int(time.time() * 1000)
+        moved = await self._promote_due(
+            keys=[self.keys.work(partition), self.keys.delayed(partition)], args=[now_ms, limit]
+        )
+        return int(moved)
+
+    async def dead_letter(
+        self, entry: Entry, reason: str, result: ExecutionResult | None, max_len: int
+    ) -> None:
+        """Move an entry to the dead-letter stream; tell its submitter when we know who it is."""
+        k = self.keys
+        keys = [k.work(entry.partition), k.dead(entry.partition)]
+        args: list[Any] = [GROUP, entry.entry_id, reason, entry.body or b"", max_len]
+        if result is not None:
+            execution_id = result.execution_id
+            keys += [
+                k.result(execution_id),
+                k.done(execution_id),
+                k.checkpoint(execution_id),
+                k.input(execution_id),
+            ]
+            args += [encoder.encode(result), self.result_ttl_ms]
+        await self._dead_letter(keys=keys, args=args)
+
+    async def give_back(self, entry: Entry) -> None:
+        """Hand an unfinished entry back to the group at once (drain); its checkpoint stays."""
+        await self._give_back(
+            keys=[self.keys.work(entry.partition)], args=[GROUP, entry.entry_id, entry.body or b""]
+        )
