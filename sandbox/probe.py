@@ -54,8 +54,9 @@ def probe(probe_uid: int, owner_pid: int) -> Probed:
 
         return _in_child(base | flags, attempt, setup)
 
-    for name in ("pidns", "netns", "ipcns"):
+    for name in ("pidns", "ipcns"):
         status[name] = with_user(namespaces.FLAGS[name], lambda: None)
+    status["netns"] = with_user(syscalls.CLONE_NEWNET, lambda: None)
     status["utsns"] = with_user(syscalls.CLONE_NEWUTS, namespaces.set_hostname)
     status["mountns"] = with_user(syscalls.CLONE_NEWNS, _mount_temp_dirs)
     status["private_proc"] = (

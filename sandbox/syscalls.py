@@ -106,6 +106,14 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str | 
     )
 
 
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(fd, ctypes.c_int(nstype)), "setns")
+
+
 def sethostname(name: str) -> None:
     raw = name.encode()
     _check(_libc.sethostname(raw, len(raw)), "sethostname")

@@ -65,6 +65,7 @@ class Zygote:
         self.slot_limits: dict[tuple[str, int], int] = {}  # (controller, slot) -> limit set
         self.children: dict[int, ChildRecord] = {}
         self.stopping = False
+        self.network = namespaces.StepNetwork() if "netns" in self.available else None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -135,7 +136,7 @@ class Zygote:
         plan = self.plan(request, slot, uid, fds)
         go_read, go_write = os.pipe()
         try:
-            pid = syscalls.clone(namespaces.clone_flags(plan.layers))
+            pid = self.clone(plan)
         except OSError as exc:
             _close_all([*fds, go_read, go_write])
             self.free_slots.append(slot)
@@ -157,6 +158,12 @@ class Zygote:
         finally:
             os.close(go_write)
         self.send(Spawned(request.request_id, pid))
+
+    def clone(self, plan: ChildPlan) -> int:
+        flags = namespaces.clone_flags(plan.layers)
+        if self.network is None or not plan.limits.network:
+            return syscalls.clone(flags)
+        return self.network.clone_in_host_network(flags)
 
     def plan(self, request: Spawn, slot: int, uid: int, fds: list[int]) -> ChildPlan:
         limits = request.limits
