@@ -44,7 +44,10 @@ __all__ = ["Client", "Integration", "Result"]
 
 INTEGRATION_TTL_MS = 7 * 24 * 3600 * 1000
 INPUT_TTL_MS = 7 * 24 * 3600 * 1000
-WAIT_SLICE_S = 5.0  # a second waiter on one id may miss the wake-up; it re-reads this often
+# A second waiter on one id may miss the wake-up, so it re-reads this often. It must also stay
+# well below the connection's socket timeout (5 s by default in redis-py), which would otherwise
+# cut a BLPOP of the same length short with a TimeoutError.
+WAIT_SLICE_S = 2.0
 
 
 @dataclass(frozen=True)
