@@ -56,6 +56,8 @@ def machine_info(layers: Sequence[str], loop: str, node: str | None) -> dict[str
         "node": _first_line([node, "--version"]) if node else "not found",
         "bwrap": _first_line(["bwrap", "--version"]),
         "event loop": loop,
+        # Other work on a shared machine moves every figure; this says how busy it was.
+        "load average 1/5/15 min": " ".join(f"{load:.2f}" for load in os.getloadavg()),
         "sandbox layers on": ", ".join(layers) or "none",
     }
 
