@@ -1,0 +1,119 @@
+"""A step attacks its result channel (fd 3, length-prefixed msgpack frames to the caller): an
+oversized result, garbage on every fd, a frame cut short, a forged frame. Each must end as that
+step's own failure, with the caller intact and its memory bounded."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.hostile.conftest import RunStep, Witnesses
+
+OUTPUT_LIMIT_MB = 128  # Limits.output_mb; run-step has no flag to lower it
+
+OVERSIZED = {
+    ".py": f"""
+def run(input, ctx):
+    return b"x" * ({OUTPUT_LIMIT_MB + 1} * 1024 * 1024)
+""",
+    ".mjs": f"""
+export function run(input, ctx) {{
+  return Buffer.alloc({OUTPUT_LIMIT_MB + 1} * 1024 * 1024, 120);
+}}
+""",
+}
+
+# 0xc1 is the one byte msgpack never uses; as a frame header it announces ~3 GB.
+GARBAGE = {
+    ".py": """
+import os
+
+def run(input, ctx):
+    wrote = []
+    for fd in range(1024):
+        try:
+            os.write(fd, b"\\xc1" * 64)
+            wrote.append(fd)
+        except OSError:
+            pass
+    return wrote
+""",
+    ".mjs": """
+import fs from "node:fs";
+
+export function run(input, ctx) {
+  const wrote = [];
+  for (let fd = 0; fd < 1024; fd++) {
+    try { fs.writeSync(fd, Buffer.alloc(64, 0xc1)); wrote.push(fd); } catch {}
+  }
+  return wrote;
+}
+""",
+}
+
+# A header announcing 100 bytes, 10 of them, then the step leaves without a word.
+TRUNCATED = """
+import os
+
+def run(input, ctx):
+    os.write(3, (100).to_bytes(4, "big") + b"\\x00" * 10)
+    os._exit(0)
+"""
+
+# A well-formed result frame written by the step itself, skipping the runtime's output check.
+FORGED_OVERSIZED = f"""
+import os
+import msgspec
+from sandbox import protocol
+
+def run(input, ctx):
+    output = msgspec.msgpack.encode("x" * ({OUTPUT_LIMIT_MB + 1} * 1024 * 1024))
+    frame = protocol.encode_frame(protocol.StepResult(ok=True, output=msgspec.Raw(output)))
+    view = memoryview(frame)
+    while view:
+        view = view[os.write(3, view) :]
+    os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("suffix", [".py", ".mjs"])
+def test_oversized_result(run_step: RunStep, suffix: str, witnesses: Witnesses) -> None:
+    result = run_step(OVERSIZED[suffix], suffix=suffix)
+
+    assert result.error_type == "output_limit", result.report
+    assert result.output is None
+    witnesses.assert_unharmed()
+
+
+@pytest.mark.parametrize("suffix", [".py", ".mjs"])
+def test_garbage_on_every_fd(run_step: RunStep, suffix: str, witnesses: Witnesses) -> None:
+    result = run_step(GARBAGE[suffix], suffix=suffix)
+
+    # The caller refused the 3 GB frame from its header alone, and still reported.
+    assert result.exit_code == 1
+    assert result.error_type == "protocol", result.report
+    assert "exceeds the limit" in result.report["error"]["message"]
+    # The garbage that went to stdout/stderr is only text in the report.
+    assert "\ufffd" in result.report["stdout"]
+    witnesses.assert_unharmed()
+
+
+def test_truncated_result_frame(run_step: RunStep, witnesses: Witnesses) -> None:
+    result = run_step(TRUNCATED)
+
+    assert result.error_type == "protocol", result.report
+    assert "without sending a result" in result.report["error"]["message"]
+    witnesses.assert_unharmed()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the output limit is checked inside the child, which the step controls; the caller "
+    "only bounds a frame to output limit + 8 MB and accepts the output in it",
+)
+def test_forged_result_frame_past_the_output_limit(run_step: RunStep, witnesses: Witnesses) -> None:
+    result = run_step(FORGED_OVERSIZED)
+    error, output_bytes = result.report["error"], len(result.output or "")
+    del result  # 129 MB: keep it out of assertion messages
+
+    witnesses.assert_unharmed()
+    assert error is not None and error["type"] == "output_limit", f"{output_bytes} bytes accepted"
