@@ -6,6 +6,7 @@ as they do in a long-running runnerd (tests/hostile/sequence.py)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import subprocess
@@ -128,6 +129,38 @@ def run(input, ctx):
         if os.path.exists(os.path.join(directory, input["name"])):
             found.append(directory)
     return found
+"""
+
+# SysV shared memory: a segment outlives the process that made it, until removed or until its
+# IPC namespace goes away.
+SHM_WRITE = """
+import ctypes
+
+IPC_CREAT = 0o1000
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+
+def run(input, ctx):
+    shmid = libc.shmget(input, 1024 * 1024, IPC_CREAT | 0o666)
+    if shmid < 0:
+        return {"errno": ctypes.get_errno()}
+    address = libc.shmat(shmid, None, 0)
+    ctypes.memmove(address, b"left by an earlier step", 23)
+    return {"created": shmid}
+"""
+
+SHM_READ = """
+import ctypes
+
+SHM_RDONLY = 0o10000
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+
+def run(input, ctx):
+    shmid = libc.shmget(input, 0, 0)
+    if shmid < 0:
+        return {"errno": ctypes.get_errno()}
+    return {"read": ctypes.string_at(libc.shmat(shmid, None, SHM_RDONLY), 23).decode()}
 """
 
 # A step that evaluates what its input says: an injection point, as a customer's "transform
@@ -288,6 +321,38 @@ def test_temp_files_do_not_reach_the_next_step(
     witnesses.assert_unharmed()
     assert read["output"] == [], "a later step found an earlier step's files"
     assert left_on_host == []
+
+
+@pytest.fixture
+def shm_key() -> Iterator[int]:
+    """A SysV IPC key no other test uses; its segment is removed from the host afterwards."""
+    key = int.from_bytes(os.urandom(3), "big") | 0x5E000000
+    yield key
+    subprocess.run(["ipcrm", "-M", str(key)], capture_output=True, check=False)
+
+
+def test_shared_memory_does_not_reach_the_next_step(
+    run_sequence: RunSequence,
+    profile: str,
+    shm_key: int,
+    witnesses: Witnesses,
+    request: pytest.FixtureRequest,
+) -> None:
+    if profile == "fargate":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="without an IPC namespace a step's SysV shared memory stays on the host "
+                "after it, readable by later steps and outside every memory limit",
+            )
+        )
+    wrote, read = run_sequence([(SHM_WRITE, ".py", shm_key), (SHM_READ, ".py", shm_key)])
+
+    assert "created" in wrote["output"], wrote
+    segments = subprocess.run(["ipcs", "-m"], capture_output=True, text=True).stdout
+    witnesses.assert_unharmed()
+    assert read["output"] == {"errno": errno.ENOENT}, read
+    assert f"{shm_key:#010x}" not in segments, "the segment outlived its step"
 
 
 @pytest.mark.xfail(
