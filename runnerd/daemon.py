@@ -61,16 +61,18 @@ class Capacity:
         self._changed = asyncio.Event()
 
     def take_now(self, most: int) -> int:
-        taken = min(most, self.free)
+        taken = max(0, min(most, self.free))
         self.free -= taken
         return taken
 
-    async def take(self, most: int) -> int:
-        """At least one slot (waiting for it), at most `most`."""
-        while self.free == 0:
+    def take_one_anyway(self) -> None:
+        """For an entry already delivered to this worker: run it even one past the limit."""
+        self.free -= 1
+
+    async def wait_free(self) -> None:
+        while self.free <= 0:
             self._changed.clear()
             await self._changed.wait()
-        return self.take_now(most)
 
     def give(self, count: int) -> None:
         if count > 0:
@@ -150,14 +152,29 @@ class Worker:
     async def _reader(self, partition: int) -> None:
         failures = 0
         while True:
-            slots = await self.capacity.take(self.config.concurrency)
-            entries: list[Entry] = []
+            await self.capacity.wait_free()
             try:
-                entries = await self.store.read_new(partition, self.worker_id, slots, READ_BLOCK_MS)
+                await self._read(partition)
                 failures = 0
             except RedisError as exc:
                 failures += 1
                 await self._back_off("read", exc, failures)
+
+    async def _read(self, partition: int) -> None:
+        """Block for one new entry holding no capacity: a reader waiting on an idle stream must
+        not starve the other partitions' readers or the reclaimer. That entry may run one past
+        the limit; the backlog behind it is read, without blocking, into free slots only."""
+        entries = await self.store.read_new(partition, self.worker_id, 1, READ_BLOCK_MS)
+        for entry in entries:
+            self.capacity.take_one_anyway()
+            self._start(entry)
+        while entries:
+            slots = self.capacity.take_now(self.config.concurrency)
+            if slots == 0:
+                return
+            entries = []
+            try:
+                entries = await self.store.read_new(partition, self.worker_id, slots, None)
             finally:
                 self.capacity.give(slots - len(entries))
             for entry in entries:

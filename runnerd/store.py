@@ -118,8 +118,9 @@ class Store:
                     raise
 
     async def read_new(
-        self, partition: int, consumer: str, count: int, block_ms: int
+        self, partition: int, consumer: str, count: int, block_ms: int | None
     ) -> list[Entry]:
+        """Up to `count` entries never delivered before; block_ms None: do not wait."""
         stream = self.keys.work(partition)
         reply: Any = await self.redis.xreadgroup(
             GROUP, consumer, {stream: ">"}, count=count, block=block_ms
