@@ -125,6 +125,9 @@ class Worker:
         tasks = [asyncio.create_task(coroutine) for coroutine in loops]
         log.info("worker %s serving %d partition(s)", self.worker_id, self.config.partitions)
         await self.stopping.wait()
+        # The loops also stop on the event: a cancel that lands while redis-py sends a command
+        # is lost on Python < 3.12 (asyncio.wait_for returns the result when the inner write
+        # finished as the cancel came, CPython gh-86296), and a loop would then run forever.
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -151,7 +154,7 @@ class Worker:
 
     async def _reader(self, partition: int) -> None:
         failures = 0
-        while True:
+        while not self.stopping.is_set():
             await self.capacity.wait_free()
             try:
                 await self._read(partition)
@@ -241,7 +244,7 @@ class Worker:
 
     async def _every(self, interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
         failures = 0
-        while True:
+        while not self.stopping.is_set():
             try:
                 await action()
                 failures = 0
