@@ -69,6 +69,14 @@ class Executor:
         except (msgspec.DecodeError, TypeError) as exc:
             await self._dead(entry, None, f"undecodable entry: {exc}")
             return "dead"
+        if not self._belongs_to(execution, entry.partition):
+            # Its keys would be another partition's (another cluster slot) or none at all, so
+            # nobody can be told: dead-letter the entry alone.
+            reason = (
+                f"execution id {execution.execution_id!r} is not one of partition {entry.partition}"
+            )
+            await self._dead(entry, None, reason)
+            return "dead"
         if entry.deliveries > self.max_deliveries:
             reason = f"delivered {entry.deliveries} times (limit {self.max_deliveries})"
             await self._dead(entry, execution, reason)
@@ -159,6 +167,12 @@ class Executor:
                 finished_at=time.time(),
             )
         await self.store.dead_letter(entry, reason, result, self.dead_letter_max_len)
+
+    def _belongs_to(self, execution: Execution, partition: int) -> bool:
+        try:
+            return self.store.keys.partition_of(execution.execution_id) == partition
+        except ValueError:
+            return False
 
     async def _integration(self, partition: int, digest: str) -> Integration | None:
         cached = self._integrations.get(digest)
