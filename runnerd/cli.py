@@ -49,7 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--exec", action="store_true", help="run the argv after -- as an exec step"
     )
     defaults = Limits()
-    for name, kind in (("wall_s", float), ("cpu_s", int), ("memory_mb", int), ("pids", int)):
+    limit_flags = (
+        ("wall_s", float),
+        ("cpu_s", int),
+        ("memory_mb", int),
+        ("pids", int),
+        ("file_size_mb", int),
+        ("tmp_mb", int),
+        ("output_mb", int),
+    )
+    for name, kind in limit_flags:
         run_step.add_argument(
             "--" + name.replace("_", "-"),
             type=kind,
@@ -131,13 +140,11 @@ def _read_text(path: Path, what: str) -> str:
 
 
 def step_spec_from_args(args: argparse.Namespace, exec_argv: list[str]) -> StepSpec:
-    limits = Limits(
-        wall_s=args.wall_s,
-        cpu_s=args.cpu_s,
-        memory_mb=args.memory_mb,
-        pids=args.pids,
-        network=args.network,
-    )
+    names = ("wall_s", "cpu_s", "memory_mb", "pids", "file_size_mb", "tmp_mb", "output_mb")
+    for name in names:
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    limits = Limits(network=args.network, **{name: getattr(args, name) for name in names})
     data = msgspec.msgpack.encode(read_json_input(args.input))
     if args.exec:
         if not exec_argv:

@@ -35,6 +35,7 @@ from sandbox import protocol
 from sandbox.errors import ProtocolError
 from sandbox.protocol import (
     Capabilities,
+    Compiled,
     Exited,
     Hello,
     Kill,
@@ -54,8 +55,11 @@ T = TypeVar("T")
 MB = 1024 * 1024
 RESULT_OVERHEAD = 8 * MB  # logs and framing on top of the output limit
 STDIO_GRACE_S = 1.0  # after the result: how long to wait for the last of stdout/stderr
+EXIT_GRACE_S = 1.0  # after its result: how long a child may take to exit before it is killed
 EXIT_WAIT_S = 5.0  # after a kill: how long the zygote may take to report the exit
 CODE_CACHE_BYTES_MAX = 64 * MB
+LOG_LINES_MAX = 1000
+LOG_LINE_MAX = 4096
 POOL_KINDS_MAX = 8  # warm pools kept for this many (runtime, limits) kinds, least recent dropped
 
 
@@ -325,24 +329,31 @@ class Child:
             self.layers = message.layers
             return None
         await self.discard()
-        return message if not message.ok else _sandbox_failure("the child sent a result unasked")
+        if isinstance(message, StepResult) and not message.ok:
+            return message  # a layer failed: the child says which
+        return _sandbox_failure(f"the child sent {type(message).__name__} before it was ready")
 
     async def run(self, request: StepRequest) -> tuple[StepOutcome, bytes | None]:
         """Send the step, wait for its result under the wall clock; returns the outcome and the
-        code cache the child produced, if any."""
+        code cache the child produced, if it was asked for one."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         result: StepResult | None = None
         error: StepError | None = None
+        compiled: bytes | None = None
         try:
             async with asyncio.timeout(self.limits.wall_s):
                 self.writer.write(protocol.encode_frame(request))
                 await self.writer.drain()
                 message = await self.read_frame(self.limits.output_mb * MB + RESULT_OVERHEAD)
+                # Only the first frame may be the code cache: it is sent before the step runs.
+                if request.want_code_cache and isinstance(message, Compiled):
+                    compiled = message.code
+                    message = await self.read_frame(self.limits.output_mb * MB + RESULT_OVERHEAD)
             if isinstance(message, StepResult):
-                result = message
+                result = self._bounded(message)
             else:
-                error = StepError("protocol", "the child sent Ready twice")
+                error = StepError("protocol", f"unexpected {type(message).__name__} frame")
         except TimeoutError:
             error = StepError(
                 "timeout", f"the step ran past its wall-clock limit of {self.limits.wall_s:g} s"
@@ -353,20 +364,35 @@ class Child:
             pass  # no result: the exit status says why
         if result is None:
             self.zygote.kill(self.pid)
+            compiled = None
         outcome = await self._finish(result, error, loop.time() - started)
-        return outcome, (result.code_cache if result is not None else None)
+        return outcome, compiled
+
+    def _bounded(self, result: StepResult) -> StepResult:
+        """The child runs the step's code, so its result frame is held to the limits here too."""
+        output_max = self.limits.output_mb * MB
+        if result.ok and len(result.output) > output_max:
+            message = f"output of {len(result.output)} bytes exceeds the limit of {output_max}"
+            return StepResult(ok=False, error=StepError("output_limit", message))
+        if len(result.logs) > LOG_LINES_MAX or any(
+            len(line) > LOG_LINE_MAX for line in result.logs
+        ):
+            logs = [line[:LOG_LINE_MAX] for line in result.logs[:LOG_LINES_MAX]]
+            return msgspec.structs.replace(result, logs=logs)
+        return result
 
     async def _finish(
         self, result: StepResult | None, error: StepError | None, elapsed_s: float
     ) -> StepOutcome:
-        exited = None
-        if result is None:
-            exited = await self.zygote.exited(self.pid, EXIT_WAIT_S)
-            if error is None:
-                error = self._classify_death(exited)
-        else:
-            self.zygote.forget(self.pid)
         await self._close_channel()
+        # A step is over once its child is reaped and its slot cleaned (leftover processes
+        # killed, temp files removed): only then may the next step of the same kind start.
+        exited = await self.zygote.exited(self.pid, EXIT_GRACE_S)
+        if exited is None:
+            self.zygote.kill(self.pid)
+            exited = await self.zygote.exited(self.pid, EXIT_WAIT_S)
+        if result is None and error is None:
+            error = self._classify_death(exited)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STDIO_GRACE_S):
                 await asyncio.gather(*self.drains, return_exceptions=True)

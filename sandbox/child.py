@@ -65,9 +65,7 @@ def _prepare_process() -> None:
 def _run(plan: layers.ChildPlan) -> None:
     applied = sorted(plan.layers)
     if plan.runtime == "node":
-        node.exec_node(
-            plan.node_path, applied, plan.tmpdir, plan.limits.memory_mb, plan.limits.output_mb
-        )
+        node.exec_node(plan, applied)
     channel = socket.socket(fileno=STEP_CHANNEL_FD)
     serve = python.serve if plan.runtime == "python" else exec_runtime.serve
     serve(channel, applied, plan.tmpdir, plan.limits.output_mb)

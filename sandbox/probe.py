@@ -85,7 +85,8 @@ def probe(probe_uid: int, owner_pid: int) -> Probed:
 
 def _probe_seccomp(probed: Probed) -> LayerStatus:
     try:
-        probed.seccomp_programs = {net: seccomp.build(net) for net in (False, True)}
+        ipc = probed.capabilities.layers["ipcns"].ok
+        probed.seccomp_programs = {net: seccomp.build(net, ipc) for net in (False, True)}
     except OSError as exc:
         return LayerStatus(False, f"cannot build the filter: {exc}")
     program = probed.seccomp_programs[False]

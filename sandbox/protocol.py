@@ -139,7 +139,8 @@ class StepRequest(msgspec.Struct, tag="request", frozen=True):
     """One step for one child. `input` is a msgpack value passed through undecoded.
 
     For python steps `code_cache` may carry the marshalled code object that an earlier child
-    compiled from the same source (the caller never compiles customer code itself).
+    compiled from the same source (the caller never compiles customer code itself); with
+    `want_code_cache` the child sends a `Compiled` frame before running the step.
     """
 
     filename: str
@@ -161,17 +162,23 @@ class StepError(msgspec.Struct, frozen=True):
 NIL = msgspec.Raw(b"\xc0")  # msgpack nil: the output of a step that failed
 
 
+class Compiled(msgspec.Struct, tag="compiled", frozen=True):
+    """The marshalled code object of a python step, sent right after compiling and before any
+    of the step's code runs: the only moment the frame cannot have been written by the step."""
+
+    code: bytes
+
+
 class StepResult(msgspec.Struct, tag="result", frozen=True):
     ok: bool
     output: msgspec.Raw = NIL
     error: StepError | None = None
     logs: list[str] = []
-    code_cache: bytes | None = None
     duration_s: float = 0.0
 
 
 ToChild = StepRequest
-FromChild = Ready | StepResult
+FromChild = Ready | Compiled | StepResult
 
 _encoder = msgspec.msgpack.Encoder()
 _to_zygote: msgspec.msgpack.Decoder[ToZygote] = msgspec.msgpack.Decoder(ToZygote)

@@ -12,20 +12,18 @@ handlers write to (signal.set_wakeup_fd). Handlers record, the loop acts.
 from __future__ import annotations
 
 import argparse
-
-# Imported here so that every child starts with the runtimes loaded (a fork shares them).
-import asyncio  # noqa: F401
+import asyncio  # noqa: F401 - imported so that every child starts with it loaded
 import contextlib
-import json  # noqa: F401
+import dataclasses
+import json  # noqa: F401 - the same, for exec steps
 import os
 import select
 import shutil
 import signal
 import socket
-import subprocess  # noqa: F401
+import subprocess  # noqa: F401 - the same, for exec steps
 import sys
 from collections import deque
-from dataclasses import dataclass
 from typing import NoReturn
 
 from sandbox import child, protocol, syscalls
@@ -33,19 +31,21 @@ from sandbox.errors import ProtocolError
 from sandbox.layers import ChildPlan, cgroups, mounts, namespaces, userns
 from sandbox.probe import Probed, probe
 from sandbox.protocol import Exited, Hello, Kill, Limits, Spawn, Spawned, SpawnFailed
+from sandbox.runtimes import node
 
 MB = 1024 * 1024
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ZygoteConfig:
     uid_base: int
     slots: int
     node_path: str
     tmp_root: str
+    node_flags: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ChildRecord:
     slot: int
     uid: int
@@ -186,6 +186,7 @@ class Zygote:
             stdout_fd=fds[1],
             stderr_fd=fds[2],
             node_path=self.config.node_path,
+            node_flags=self.config.node_flags,
         )
 
     def set_up_from_parent(self, pid: int, plan: ChildPlan) -> None:
@@ -225,6 +226,10 @@ class Zygote:
         record = self.children.pop(pid)
         if "pidns" not in self.available and "uid_drop" in self.available:
             _kill_all_of_uid(record.uid)  # without a pid namespace, leftovers outlive the child
+        if "mountns" not in self.available and "uid_drop" in self.available:
+            # Without private temp dirs, what the step left in the host's goes with it.
+            for directory in mounts.TEMP_DIRS:
+                _remove_owned_by(directory, record.uid)
         if record.tmpdir is not None:
             shutil.rmtree(record.tmpdir, ignore_errors=True)
         self.free_slots.append(record.slot)
@@ -252,16 +257,45 @@ def _kill(pid: int) -> None:
 
 
 def _kill_all_of_uid(uid: int) -> None:
-    """kill(-1) as `uid` reaches every process of that uid and nothing else (kill(2))."""
+    """kill(-1) as `uid` reaches every process of that uid and nothing else (kill(2)); again
+    until none is left, in case a fork bomb forked while the first sweep went by."""
     pid = os.fork()
     if pid == 0:
         try:
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
-            os.kill(-1, signal.SIGKILL)
+            for _ in range(100):
+                os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # ESRCH: nothing of that uid is left
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
+
+
+def _remove_owned_by(directory: str, uid: int, budget: int = 10_000) -> None:
+    """Delete everything `uid` owns under `directory` (it can only have written to
+    world-writable places), without following symlinks, visiting at most `budget` entries."""
+    stack = [directory]
+    while stack and budget > 0:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            budget -= 1
+            try:
+                owned = entry.stat(follow_symlinks=False).st_uid == uid
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            if owned and is_dir:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            elif owned:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            elif is_dir:
+                stack.append(entry.path)
 
 
 def _close_all(fds: list[int]) -> None:
@@ -284,6 +318,9 @@ def _parse_args(argv: list[str]) -> tuple[int, ZygoteConfig]:
 def main(argv: list[str] | None = None) -> NoReturn:
     control_fd, config = _parse_args(sys.argv[1:] if argv is None else argv)
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the caller
+    # Orphans of a step (no pid namespace to hold them) are reparented here and reaped by the
+    # loop, instead of staying zombies of the slot uid under a PID 1 that may not reap.
+    syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
     os.chdir("/")
     if os.geteuid() == 0:
         os.setgroups([])  # children must not inherit root's supplementary groups
@@ -293,6 +330,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     signal.set_wakeup_fd(wakeup_write)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop through the pipe
     control = socket.socket(fileno=control_fd)
+    config = dataclasses.replace(config, node_flags=node.supported_flags(config.node_path))
     probed = probe(config.uid_base + config.slots, os.getpid())
     zygote = Zygote(control, config, probed)
     signal.signal(signal.SIGTERM, lambda *_: zygote.request_stop())

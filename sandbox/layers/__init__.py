@@ -50,6 +50,7 @@ class ChildPlan:
     stdout_fd: int
     stderr_fd: int
     node_path: str
+    node_flags: tuple[str, ...] = ()
 
 
 def _uid_drop(plan: ChildPlan) -> None:

@@ -80,13 +80,36 @@ DENIED = (
     "personality",
 )
 NETWORK_CALLS = ("socket",)
+# Without an IPC namespace, SysV IPC objects and POSIX message queues would be the host's,
+# outliving the step and visible to later ones; steps then get none.
+IPC_CALLS = (
+    "shmget",
+    "shmat",
+    "shmctl",
+    "shmdt",
+    "semget",
+    "semop",
+    "semtimedop",
+    "semctl",
+    "msgget",
+    "msgsnd",
+    "msgrcv",
+    "msgctl",
+    "mq_open",
+    "mq_unlink",
+    "mq_timedsend",
+    "mq_timedreceive",
+    "mq_notify",
+    "mq_getsetattr",
+)
 
 
-def build(network: bool) -> bytes:
-    """Compile the filter for steps with or without network into BPF bytes."""
+def build(network: bool, ipc: bool) -> bytes:
+    """Compile the filter for steps with or without network, and with or without SysV/POSIX
+    IPC (only allowed inside the step's own IPC namespace), into BPF bytes."""
     policy = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     deny = pyseccomp.ERRNO(errno.EPERM)
-    for name in DENIED + (() if network else NETWORK_CALLS):
+    for name in DENIED + (() if network else NETWORK_CALLS) + (() if ipc else IPC_CALLS):
         policy.add_rule(deny, name)
     for flag in _flag_bits(syscalls.NAMESPACE_FLAGS):
         policy.add_rule(deny, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))

@@ -10,18 +10,46 @@ another.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sandbox.layers import ChildPlan
 
 RUNNER = str(Path(__file__).with_name("node_runner.mjs"))
 MB = 1024 * 1024
 
 
-def exec_node(
-    node_path: str, layers: list[str], tmpdir: str, memory_mb: int, output_mb: int
-) -> None:
+# Without it, WebAssembly (which node's own fetch() uses) reserves more address space per
+# instance than RLIMIT_AS leaves, and fails with "Out of memory". Node >= 20 has it; the zygote
+# passes it on only when the node it was given accepts it.
+OPTIONAL_FLAGS = ("--disable-wasm-trap-handler",)
+
+
+def supported_flags(node_path: str) -> tuple[str, ...]:
+    """The OPTIONAL_FLAGS this node accepts (asked once, when the zygote starts)."""
+    if not node_path:
+        return ()
+    accepted = []
+    for flag in OPTIONAL_FLAGS:
+        try:
+            done = subprocess.run(
+                [node_path, flag, "-e", "0"], capture_output=True, timeout=30, env={}, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0:
+            accepted.append(flag)
+    return tuple(accepted)
+
+
+def exec_node(plan: ChildPlan, layers: list[str]) -> None:
+    memory_mb, tmpdir, output_mb = plan.limits.memory_mb, plan.tmpdir, plan.limits.output_mb
     argv = [
-        node_path,
+        plan.node_path,
         f"--max-old-space-size={max(16, memory_mb * 3 // 4)}",
+        *plan.node_flags,
         RUNNER,
     ]
     env = {
@@ -33,4 +61,4 @@ def exec_node(
         "RUNNERD_OUTPUT_MAX": str(output_mb * MB),
     }
     os.chdir(tmpdir)
-    os.execve(node_path, argv, env)
+    os.execve(plan.node_path, argv, env)

@@ -14,11 +14,12 @@ import marshal
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from types import CodeType
 
 import msgspec
 
-from sandbox.protocol import Ready, StepRequest, StepResult
+from sandbox.protocol import Compiled, Ready, StepRequest, StepResult
 from sandbox.runtimes import (
     Context,
     StepLog,
@@ -37,30 +38,29 @@ def serve(channel: socket.socket, layers: list[str], tmpdir: str, output_mb: int
     send(channel, Ready(layers))
     request = receive_request(channel, output_mb)
     enter_step_environment(request, tmpdir)
-    result = run(request, tmpdir)
+    result = run(request, tmpdir, lambda code: send(channel, Compiled(marshal.dumps(code))))
     release_stdio()
     send(channel, result)
 
 
-def run(request: StepRequest, tmpdir: str) -> StepResult:
+def run(request: StepRequest, tmpdir: str, on_compiled: Callable[[CodeType], None]) -> StepResult:
     # A step may patch builtins (len, print, ...); the code that reports its result runs after
     # it in the same interpreter, so it gets them back first.
     saved_builtins = dict(builtins.__dict__)
     try:
-        return _run(request, tmpdir)
+        return _run(request, tmpdir, on_compiled)
     finally:
         builtins.__dict__.clear()
         builtins.__dict__.update(saved_builtins)
 
 
-def _run(request: StepRequest, tmpdir: str) -> StepResult:
+def _run(request: StepRequest, tmpdir: str, on_compiled: Callable[[CodeType], None]) -> StepResult:
     started = time.perf_counter()
     log = StepLog()
-    code_cache = None
     try:
         code = _load(request)
         if request.want_code_cache:
-            code_cache = marshal.dumps(code)
+            on_compiled(code)  # before exec: nothing of the step has run yet
         namespace = {"__name__": "__step__", "__file__": request.filename, "__builtins__": builtins}
         exec(code, namespace)
         entry = namespace.get("run")
@@ -74,8 +74,8 @@ def _run(request: StepRequest, tmpdir: str) -> StepResult:
     except MemoryError:
         return failure("memory", "MemoryError: the step ran out of memory", started, logs=log.lines)
     except BaseException as exc:  # noqa: BLE001 - anything the step raises is its result
-        return failure("exception", _describe(exc), started, logs=log.lines, code_cache=code_cache)
-    return encode_output(value, request.output_max, started, logs=log.lines, code_cache=code_cache)
+        return failure("exception", _describe(exc), started, logs=log.lines)
+    return encode_output(value, request.output_max, started, logs=log.lines)
 
 
 def _load(request: StepRequest) -> CodeType:

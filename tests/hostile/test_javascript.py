@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-
 from tests.hostile.conftest import RunStep, Witnesses
 
 PROCESS_STEP = """
@@ -174,11 +172,6 @@ def test_javascript_step_cannot_find_the_callers_secrets(
     witnesses.assert_unharmed()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node's fetch (undici) instantiates WebAssembly, whose memory reservation does not "
-    "fit under RLIMIT_AS (memory_mb + 4096 MB): fetch fails even with --network",
-)
 def test_javascript_fetch_with_network(
     run_step: RunStep,
     redis_port: int,

@@ -171,12 +171,13 @@ def run(input, ctx):
     return eval(input["expression"]) if input else "benign"
 """
 
+# A code-cache frame for other source, then a result, written by the step itself.
 FORGE_CODE_CACHE = (
-    "__import__('os').write(3, __import__('sandbox.protocol').protocol.encode_frame("
+    "[__import__('os').write(3, __import__('sandbox.protocol').protocol.encode_frame(frame)) "
+    "for frame in (__import__('sandbox.protocol').protocol.Compiled(__import__('marshal').dumps("
+    "compile('def run(input, ctx):\\n    return \"poisoned\"\\n', 'x', 'exec'))), "
     "__import__('sandbox.protocol').protocol.StepResult(ok=True, "
-    "output=__import__('msgspec').Raw(b'\\xa6forged'), code_cache=__import__('marshal').dumps("
-    "compile('def run(input, ctx):\\n    return \"poisoned\"\\n', 'x', 'exec'))))) "
-    "and __import__('os')._exit(0)"
+    "output=__import__('msgspec').Raw(b'\\xa6forged')))] and __import__('os')._exit(0)"
 )
 
 FORK_BOMB = """
@@ -302,16 +303,7 @@ def test_temp_files_do_not_reach_the_next_step(
     profile: str,
     temp_marker: str,
     witnesses: Witnesses,
-    request: pytest.FixtureRequest,
 ) -> None:
-    if profile == "fargate":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="without a mount namespace /tmp, /var/tmp and /dev/shm are the host's: "
-                "a step's files there stay on the host and are read by later steps",
-            )
-        )
     spec = {"dirs": list(TEMP_DIRS), "name": temp_marker}
     wrote, read = run_sequence([(TEMP_WRITE, ".py", spec), (TEMP_READ, ".py", spec)])
 
@@ -336,30 +328,21 @@ def test_shared_memory_does_not_reach_the_next_step(
     profile: str,
     shm_key: int,
     witnesses: Witnesses,
-    request: pytest.FixtureRequest,
 ) -> None:
-    if profile == "fargate":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="without an IPC namespace a step's SysV shared memory stays on the host "
-                "after it, readable by later steps and outside every memory limit",
-            )
-        )
     wrote, read = run_sequence([(SHM_WRITE, ".py", shm_key), (SHM_READ, ".py", shm_key)])
 
-    assert "created" in wrote["output"], wrote
+    # Without an IPC namespace to hold them, the filter refuses SysV IPC altogether.
+    refused = profile == "fargate"
+    if refused:
+        assert wrote["output"] == {"errno": errno.EPERM}, wrote
+    else:
+        assert "created" in wrote["output"], wrote
     segments = subprocess.run(["ipcs", "-m"], capture_output=True, text=True).stdout
     witnesses.assert_unharmed()
-    assert read["output"] == {"errno": errno.ENOENT}, read
+    assert read["output"] == {"errno": errno.EPERM if refused else errno.ENOENT}, read
     assert f"{shm_key:#010x}" not in segments, "the segment outlived its step"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the caller keeps the code cache from the child's result frame, which the step "
-    "itself can write: one run's injected code becomes every later run's code",
-)
 def test_forged_code_cache_does_not_reach_the_next_step(
     run_sequence: RunSequence, witnesses: Witnesses
 ) -> None:
@@ -371,23 +354,15 @@ def test_forged_code_cache_does_not_reach_the_next_step(
         ]
     )
 
-    assert attack["output"] == "forged"  # the forged frame was taken as the result
+    # Only the frame sent before the step ran may carry the code cache: a later one is refused.
+    assert attack["error"]["type"] == "protocol", attack
     witnesses.assert_unharmed()
     assert [report["output"] for report in later] == ["benign", "benign"]
 
 
 def test_fork_bomb_leaves_nothing_that_starves_the_next_step(
-    profile: str, tmp_path: Path, witnesses: Witnesses, request: pytest.FixtureRequest
+    profile: str, tmp_path: Path, witnesses: Witnesses
 ) -> None:
-    if profile == "fargate":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="without a pid namespace a killed step's orphans go to the container's "
-                "PID 1; if it does not reap them they stay zombies of the slot uid, counted "
-                "by RLIMIT_NPROC, and the slot's next step cannot fork or start a thread",
-            )
-        )
     bomb, worker = tmp_path / "bomb.py", tmp_path / "worker.py"
     bomb.write_text(FORK_BOMB)
     worker.write_text(THREADS_AND_A_SUBPROCESS)
