@@ -96,8 +96,7 @@ class Executor:
         if checkpoint is None:
             payload = await self.store.input(execution_id)
             if payload is None:
-                await self._dead(entry, execution, "input payload not found")
-                return "dead"
+                return await self._finished_or_dead(entry, execution)
             checkpoint = Checkpoint(0, execution.attempt, msgspec.Raw(payload))
         attempt = max(execution.attempt, checkpoint.attempt)
         reports = list(checkpoint.steps)
@@ -153,6 +152,17 @@ class Executor:
             duration_s=now - started,
             finished_at=now,
         )
+
+    async def _finished_or_dead(self, entry: Entry, execution: Execution) -> ExecutionStatus:
+        """No checkpoint and no input: the execution has finished already (this entry is a
+        duplicate, or our own completion went through but its reply was lost), or its input
+        is gone."""
+        finished = await self.store.result(execution.execution_id)
+        if finished is not None:
+            await self.store.complete(entry, finished)  # acks the entry; the result stays
+            return finished.status
+        await self._dead(entry, execution, "input payload not found")
+        return "dead"
 
     async def _dead(self, entry: Entry, execution: Execution | None, reason: str) -> None:
         log.warning("dead-lettered entry %s: %s", entry.entry_id.decode(), reason)

@@ -27,6 +27,7 @@ from runnerd.messages import (
     checkpoint_decoder,
     encoder,
     integration_decoder,
+    result_decoder,
 )
 
 RedisClient = aioredis.Redis | RedisCluster
@@ -174,6 +175,15 @@ class Store:
             return checkpoint_decoder.decode(raw)
         except msgspec.DecodeError:
             return None  # a torn or foreign checkpoint: start from the input instead
+
+    async def result(self, execution_id: str) -> ExecutionResult | None:
+        raw = await self.get(self.keys.result(execution_id))
+        if raw is None:
+            return None
+        try:
+            return result_decoder.decode(raw)
+        except msgspec.DecodeError:
+            return None
 
     async def save_checkpoint(self, execution_id: str, checkpoint: Checkpoint) -> None:
         await self.redis.set(
