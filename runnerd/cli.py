@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (--wait)")
     _add_setting_flags(submit)
 
+    healthcheck = commands.add_parser(
+        "healthcheck", help="exit 0 when this host's worker answers /healthz (for HEALTHCHECK)"
+    )
+    _add_setting_flags(healthcheck)
+
     demo = commands.add_parser(
         "demo", help="run the bundled 6-step integration on an embedded Redis and one worker"
     )
@@ -229,6 +234,24 @@ def cmd_doctor(settings: Settings) -> int:
     return EXIT_FAILED if missing or capabilities.problems else EXIT_OK
 
 
+# --- healthcheck -------------------------------------------------------------------------------
+
+
+def cmd_healthcheck(settings: Settings) -> int:
+    """GET /healthz on this host; what the image's HEALTHCHECK and ECS's healthCheck run."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://127.0.0.1:{settings.http_port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            healthy = response.status == 200
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"runnerd: {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if healthy else EXIT_FAILED
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 
@@ -253,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run_step(args, exec_argv, settings)
         if args.command == "doctor":
             return cmd_doctor(settings)
+        if args.command == "healthcheck":
+            return cmd_healthcheck(settings)
         from runnerd import commands  # the Redis side is only imported when used
 
         handler = {"serve": commands.serve, "submit": commands.submit, "demo": commands.demo}

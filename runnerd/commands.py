@@ -39,6 +39,11 @@ def worker_config(settings: Settings, redis_url: str | None = None) -> WorkerCon
         retry_base_s=settings.retry_base_s,
         retry_max_s=settings.retry_max_s,
         pool_size=settings.pool_size,
+        required_layers=settings.sandbox_require,
+        http_host=settings.http_host,
+        http_port=settings.http_port,
+        emf_interval_s=settings.emf_interval_s,
+        service_name=settings.service_name,
         sandbox=SandboxOptions(
             uid_base=settings.sandbox_uid_base,
             slots=settings.sandbox_slots,
@@ -116,6 +121,7 @@ async def submit(args: argparse.Namespace, settings: Settings) -> int:
 
 async def demo(args: argparse.Namespace, settings: Settings) -> int:
     integration = Integration.load(DEMO)
+    settings = msgspec.structs.replace(settings, http_port=0)  # a demo opens no port
     async with EmbeddedRedis() as redis:
         worker = await start_worker(settings, redis.url)
         serving = asyncio_task(worker.serve(install_signals=False))

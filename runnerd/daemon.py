@@ -8,7 +8,10 @@
     drain: on SIGTERM/SIGINT stop reading, let in-flight executions finish within drain_s, give
            the rest back to the group (another worker picks them up at once), exit 0
 
-Every loop survives Redis errors: it logs, backs off and tries again.
+Beside them: the HTTP server (/healthz, /readyz, /metrics), a gauge loop reading the backlog
+from Redis every few seconds (so a scrape never waits on Redis), and, when configured, the
+autoscaling signal as a CloudWatch EMF line on stdout. Every loop survives Redis errors: it logs,
+counts, backs off and tries again.
 """
 
 from __future__ import annotations
@@ -19,21 +22,31 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+from aiohttp import web
 from redis.exceptions import RedisError
 
+from runnerd import emf, http
 from runnerd.client import open_redis
+from runnerd.errors import RunnerdError
 from runnerd.executor import Executor, RetryPolicy
 from runnerd.keys import Keys
+from runnerd.metrics import Metrics
 from runnerd.spawner import SandboxOptions, Spawner
 from runnerd.store import Entry, RedisClient, Store
 
+T = TypeVar("T")
 log = logging.getLogger("runnerd.daemon")
 READ_BLOCK_MS = 1000
 BACKOFF_MAX_S = 5.0
+GAUGE_INTERVAL_S = 5.0
+CANCEL_WAIT_S = 5.0  # after the hand-back: how long cancelled executions may take to unwind
+CONSUMER_ACTIVE_MS = 15_000  # a consumer that read within this long counts as a live worker
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,11 @@ class WorkerConfig:
     dead_letter_max_len: int = 100_000
     pool_size: int = 2
     sandbox: SandboxOptions = SandboxOptions()
+    required_layers: tuple[str, ...] = ()
+    http_host: str = "0.0.0.0"
+    http_port: int = 0  # 0: no HTTP server
+    emf_interval_s: float = 0.0  # 0: no EMF lines
+    service_name: str = "runnerd-worker"
 
 
 class Capacity:
@@ -81,13 +99,17 @@ class Capacity:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, redis: RedisClient, spawner: Spawner) -> None:
+    def __init__(
+        self, config: WorkerConfig, redis: RedisClient, spawner: Spawner, metrics: Metrics
+    ) -> None:
         self.config = config
+        self.metrics = metrics
         self.redis = redis
         self.spawner = spawner
         self.keys = Keys(config.key_prefix, config.partitions)
         self.store = Store(redis, self.keys, config.result_ttl_s)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.log = logging.LoggerAdapter(log, {"worker_id": self.worker_id})
         self.executor = Executor(
             self.store,
             spawner,
@@ -95,19 +117,42 @@ class Worker:
             RetryPolicy(config.retry_base_s, config.retry_max_s),
             config.max_deliveries,
             config.dead_letter_max_len,
+            metrics,
         )
         self.capacity = Capacity(config.concurrency)
         self.in_flight: dict[tuple[int, bytes], tuple[Entry, asyncio.Task[None]]] = {}
         self.stopping = asyncio.Event()
         self.finished = 0
+        capabilities = spawner.capabilities
+        for layer, status in capabilities.layers.items():
+            metrics.layers.labels(layer).set(1 if status.ok else 0)
+        self.missing_layers = capabilities.missing(list(config.required_layers))
+        metrics.set_in_flight(0, config.concurrency)
 
     @classmethod
     async def start(cls, config: WorkerConfig) -> Worker:
+        metrics = Metrics()
         redis = await open_redis(config.redis_url)
-        spawner = await Spawner.start(config.sandbox, pool_size=config.pool_size)
-        worker = cls(config, redis, spawner)
-        await worker.store.ensure_groups()
+        try:
+            spawner = await Spawner.start(config.sandbox, config.pool_size, metrics)
+        except BaseException:
+            await redis.aclose()
+            raise
+        worker = cls(config, redis, spawner, metrics)
+        try:
+            await worker.store.ensure_groups()
+        except BaseException:
+            await worker.close()
+            raise
         return worker
+
+    def health(self) -> http.HealthSource:
+        return http.HealthSource(
+            zygote_alive=self.spawner.zygote.is_alive,
+            redis_ping=self.redis.ping,
+            missing_layers=lambda: self.missing_layers,
+            draining=self.stopping.is_set,
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -121,10 +166,15 @@ class Worker:
         loops += [
             self._every(0.25, self._promote),
             self._every(self.config.claim_idle_s / 3, self._heartbeat),
+            self._every(GAUGE_INTERVAL_S, self._read_gauges),
         ]
+        if self.config.emf_interval_s > 0:
+            loops.append(self._every(self.config.emf_interval_s, self._print_emf))
+        site = await self._start_http()
         tasks = [asyncio.create_task(coroutine) for coroutine in loops]
-        log.info("worker %s serving %d partition(s)", self.worker_id, self.config.partitions)
+        self.log.info("worker %s serving %d partition(s)", self.worker_id, self.config.partitions)
         await self.stopping.wait()
+        self.metrics.draining.set(1)
         # The loops also stop on the event: a cancel that lands while redis-py sends a command
         # is lost on Python < 3.12 (asyncio.wait_for returns the result when the inner write
         # finished as the cancel came, CPython gh-86296), and a loop would then run forever.
@@ -132,11 +182,25 @@ class Worker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.drain()
+        await self._leave_group()
+        if site is not None:
+            await site.cleanup()
+        self.log.info("worker %s stopped after %d execution(s)", self.worker_id, self.finished)
+
+    async def _start_http(self) -> web.AppRunner | None:
+        if not self.config.http_port:
+            return None
+        app = http.build_app(self.metrics, self.health())
+        try:
+            return await http.start(app, self.config.http_host, self.config.http_port)
+        except OSError as exc:
+            where = f"{self.config.http_host}:{self.config.http_port}"
+            raise RunnerdError(f"cannot serve HTTP on {where} (RUNNERD_HTTP_PORT): {exc}") from exc
 
     async def drain(self) -> None:
         pending = [task for _, task in self.in_flight.values()]
         if pending:
-            log.info(
+            self.log.info(
                 "draining %d in-flight execution(s), up to %g s", len(pending), self.config.drain_s
             )
             await asyncio.wait(pending, timeout=self.config.drain_s)
@@ -144,7 +208,18 @@ class Worker:
             task.cancel()
             with contextlib.suppress(RedisError, OSError):
                 await self.store.give_back(entry)
-        await asyncio.gather(*(task for _, task in self.in_flight.values()), return_exceptions=True)
+        # A cancel can be lost inside redis-py on Python < 3.12 (see serve): do not wait on a
+        # handed-back execution for ever; the spawner's close kills its child anyway.
+        leftovers = [task for _, task in self.in_flight.values()]
+        if leftovers:
+            await asyncio.wait(leftovers, timeout=CANCEL_WAIT_S)
+
+    async def _leave_group(self) -> None:
+        """Remove this worker from the group (its entries were all acked or handed back), so
+        the count of live workers, and the backlog per worker, drop at once."""
+        for partition in range(self.config.partitions):
+            with contextlib.suppress(RedisError, OSError):
+                await self.store.delete_consumer(partition, self.worker_id)
 
     async def close(self) -> None:
         await self.spawner.close()
@@ -193,21 +268,31 @@ class Worker:
         self.in_flight[key] = (entry, task)
 
     async def _execute(self, entry: Entry) -> None:
+        self.metrics.set_in_flight(len(self.in_flight), self.config.concurrency)
+        started = time.perf_counter()
         try:
-            await self._with_retries(lambda: self.executor.handle(entry))
+            status = await self._with_retries(lambda: self.executor.handle(entry))
             self.finished += 1
+            if status is not None:
+                self.metrics.executions.labels(status).inc()
+                self.metrics.execution_duration.observe(time.perf_counter() - started)
+        except Exception:  # the loop's edge: log and count; the entry is reclaimed later
+            self.log.exception(
+                "execution of entry %s failed in the worker", entry.entry_id.decode()
+            )
+            self.metrics.executions.labels("error").inc()
         finally:
             self.in_flight.pop((entry.partition, entry.entry_id), None)
             self.capacity.give(1)
+            self.metrics.set_in_flight(len(self.in_flight), self.config.concurrency)
 
-    async def _with_retries(self, action: Callable[[], Awaitable[object]]) -> None:
+    async def _with_retries(self, action: Callable[[], Awaitable[T]]) -> T:
         """Run an execution; when Redis fails under it, try again (its checkpoint makes the
         retry cheap) until it goes through or the worker drains."""
         failures = 0
         while True:
             try:
-                await action()
-                return
+                return await action()
             except RedisError as exc:
                 failures += 1
                 if self.stopping.is_set():
@@ -226,7 +311,7 @@ class Worker:
             finally:
                 self.capacity.give(free - len(entries))
             for entry in entries:
-                log.info(
+                self.log.info(
                     "reclaimed entry %s (delivery %d)", entry.entry_id.decode(), entry.deliveries
                 )
                 self._start(entry)
@@ -242,6 +327,21 @@ class Worker:
         for partition, entry_ids in by_partition.items():
             await self.store.touch(partition, self.worker_id, entry_ids)
 
+    async def _read_gauges(self) -> None:
+        backlog = 0
+        workers: set[str] = set()
+        for partition in range(self.config.partitions):
+            backlog += await self.store.backlog(partition)
+            workers |= await self.store.active_consumers(partition, CONSUMER_ACTIVE_MS)
+        self.metrics.set_backlog(backlog, len(workers | {self.worker_id}))
+
+    async def _print_emf(self) -> None:
+        metrics = self.metrics
+        line = emf.line(
+            self.config.service_name, metrics.last_backlog_per_worker, metrics.last_saturation
+        )
+        print(line, flush=True)
+
     async def _every(self, interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
         failures = 0
         while not self.stopping.is_set():
@@ -254,6 +354,7 @@ class Worker:
             await asyncio.sleep(interval_s)
 
     async def _back_off(self, what: str, exc: Exception, failures: int) -> None:
+        self.metrics.redis_errors.labels(what).inc()
         delay = min(BACKOFF_MAX_S, 0.1 * 2 ** min(failures, 6))
-        log.warning("redis error in %s (%s); retrying in %.1f s", what, exc, delay)
+        self.log.warning("redis error in %s (%s); retrying in %.1f s", what, exc, delay)
         await asyncio.sleep(delay)

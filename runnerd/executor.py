@@ -25,6 +25,7 @@ from runnerd.messages import (
     StepReport,
     execution_decoder,
 )
+from runnerd.metrics import Metrics
 from runnerd.spawner import Spawner, StepSpec
 from runnerd.store import Entry, Store
 from sandbox.protocol import NIL, StepContext, StepError
@@ -53,7 +54,9 @@ class Executor:
         retry: RetryPolicy,
         max_deliveries: int,
         dead_letter_max_len: int,
+        metrics: Metrics,
     ) -> None:
+        self.metrics = metrics
         self.store = store
         self.spawner = spawner
         self.worker_id = worker_id
@@ -108,6 +111,8 @@ class Executor:
                 _spec(step, bytes(payload_raw), execution_id, attempt)
             )
             reports.append(_report(step, outcome))
+            error_type = outcome.error.type if outcome.error else None
+            self.metrics.step_finished(step.runtime, error_type, outcome.duration_s)
             if pending_save is not None:
                 await pending_save
             if not outcome.ok:
@@ -116,6 +121,7 @@ class Executor:
                     await self.store.save_checkpoint(execution_id, retry)
                     again = msgspec.structs.replace(execution, attempt=attempt + 1)
                     await self.store.retry_later(entry, again, self.retry.delay_s(attempt))
+                    self.metrics.retried.inc()
                     return None
                 result = self._result(execution, "failed", NIL, reports, attempt, started)
                 result = msgspec.structs.replace(result, error=outcome.error, failed_step=step.name)
@@ -165,7 +171,11 @@ class Executor:
         return "dead"
 
     async def _dead(self, entry: Entry, execution: Execution | None, reason: str) -> None:
-        log.warning("dead-lettered entry %s: %s", entry.entry_id.decode(), reason)
+        extra = {"worker_id": self.worker_id}
+        if execution is not None:
+            extra["execution_id"] = execution.execution_id
+        log.warning("dead-lettered entry %s: %s", entry.entry_id.decode(), reason, extra=extra)
+        self.metrics.dead_lettered.inc()
         result = None
         if execution is not None:
             result = ExecutionResult(

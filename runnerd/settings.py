@@ -32,6 +32,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retry_base_s: float = 1.0
     retry_max_s: float = 60.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    http_port: int = 8080
+    http_host: str = "0.0.0.0"
+    emf_interval_s: float = 0.0
+    service_name: str = "runnerd-worker"
     sandbox_mode: SandboxMode = "best-effort"
     sandbox_require: tuple[str, ...] = ("uid_drop", "rlimits", "no_new_privs", "seccomp")
     sandbox_uid_base: int = 200_000
@@ -54,6 +58,10 @@ SETTINGS_HELP: dict[str, str] = {
     "retry_base_s": "first retry delay of a failed execution (doubling, with jitter)",
     "retry_max_s": "longest retry delay",
     "log_level": "debug, info, warning or error",
+    "http_port": "port of /healthz, /readyz and /metrics (0: no HTTP server)",
+    "http_host": "address the HTTP server listens on",
+    "emf_interval_s": "print the autoscaling signal as a CloudWatch EMF line this often (0: off)",
+    "service_name": "the Service dimension of the EMF metrics (the ECS service's name)",
     "sandbox_mode": "strict: refuse to run steps when a required layer is missing; "
     "best-effort: run with what the host allows and say so",
     "sandbox_require": "comma list of sandbox layers that must be present (see `runnerd doctor`)",
@@ -126,6 +134,10 @@ def _validate(settings: Settings) -> Settings:
             raise ConfigError(f"{env_name(field)}: must be positive")
     if settings.drain_s < 0:
         raise ConfigError(f"{env_name('drain_s')}: must not be negative")
+    if not 0 <= settings.http_port <= 65535:
+        raise ConfigError(f"{env_name('http_port')}: must be a port number (0-65535)")
+    if settings.emf_interval_s < 0:
+        raise ConfigError(f"{env_name('emf_interval_s')}: must not be negative")
     if settings.sandbox_slots < settings.concurrency + 2 * settings.pool_size:
         raise ConfigError(
             f"{env_name('sandbox_slots')}: must be at least concurrency + 2 x pool_size "

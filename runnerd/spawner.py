@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import msgspec
 import sandbox
 from runnerd.errors import SandboxUnavailable
 from runnerd.messages import StepOutcome
+from runnerd.metrics import Metrics
 from runnerd.pool import WarmPool
 from sandbox import protocol
 from sandbox.errors import ProtocolError
@@ -205,6 +207,9 @@ class Zygote:
             os.close(stderr_read)
             raise
         return await Child.attach(self, pid, limits, ours, stdout_read, stderr_read)
+
+    def is_alive(self) -> bool:
+        return not self.closed.is_set() and self.process.returncode is None
 
     def kill(self, pid: int) -> None:
         with contextlib.suppress(OSError):
@@ -452,8 +457,9 @@ class Child:
 class Spawner:
     """Runs steps in the sandbox. One per process; `start()` once, `close()` at the end."""
 
-    def __init__(self, zygote: Zygote, pool_size: int) -> None:
+    def __init__(self, zygote: Zygote, pool_size: int, metrics: Metrics | None = None) -> None:
         self.zygote = zygote
+        self.metrics = metrics
         self.pool_size = pool_size
         self._pools: OrderedDict[tuple[Runtime, Limits], WarmPool] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
@@ -461,15 +467,20 @@ class Spawner:
         self._code_cache_bytes = 0
 
     @classmethod
-    async def start(cls, options: SandboxOptions, pool_size: int = 0) -> Spawner:
-        return cls(await Zygote.start(options), pool_size)
+    async def start(
+        cls, options: SandboxOptions, pool_size: int = 0, metrics: Metrics | None = None
+    ) -> Spawner:
+        return cls(await Zygote.start(options), pool_size, metrics)
 
     @property
     def capabilities(self) -> Capabilities:
         return self.zygote.capabilities
 
     async def run_step(self, step: StepSpec) -> StepOutcome:
+        asked = time.perf_counter()
         child = await self._acquire(step.runtime, step.limits)
+        if self.metrics is not None:
+            self.metrics.spawn_duration.labels(step.runtime).observe(time.perf_counter() - asked)
         if isinstance(child, StepResult):
             return StepOutcome(ok=False, error=child.error)
         key = _code_key(step) if step.runtime == "python" else None

@@ -150,6 +150,25 @@ class Store:
             entries.append(Entry(partition, entry_id, fields.get(ENTRY_FIELD), deliveries))
         return entries
 
+    async def backlog(self, partition: int) -> int:
+        """Entries waiting in the group: never delivered (lag) plus delivered but not acked."""
+        stream = self.keys.work(partition)
+        groups: Any = await self.redis.xinfo_groups(stream)
+        for group in groups:
+            if _text(group.get("name")) == GROUP:
+                lag = group.get("lag")
+                if lag is None:  # unknown to Redis: completed entries are deleted, so XLEN is it
+                    return int(await self.redis.xlen(stream))
+                return int(lag) + int(group.get("pending") or 0)
+        return 0
+
+    async def active_consumers(self, partition: int, idle_max_ms: int) -> set[str]:
+        consumers: Any = await self.redis.xinfo_consumers(self.keys.work(partition), GROUP)
+        return {_text(c["name"]) for c in consumers if int(c.get("idle", 0)) <= idle_max_ms}
+
+    async def delete_consumer(self, partition: int, consumer: str) -> None:
+        await self.redis.xgroup_delconsumer(self.keys.work(partition), GROUP, consumer)
+
     async def touch(self, partition: int, consumer: str, entry_ids: list[bytes]) -> None:
         """Reset the idle time of entries this worker is still running, so nobody steals them."""
         if entry_ids:
@@ -245,3 +264,7 @@ class Store:
         await self._give_back(
             keys=[self.keys.work(entry.partition)], args=[GROUP, entry.entry_id, entry.body or b""]
         )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -215,6 +215,7 @@ def serve(tmp_path: Path, prefix: str) -> Iterator[ServeFactory]:
             # Step uids of their own: steps of another runnerd on this host (another test's,
             # or another suite's fork bomb) share no RLIMIT_NPROC count with these.
             RUNNERD_SANDBOX_UID_BASE=str(random.randrange(300, 4000) * 1000),
+            RUNNERD_HTTP_PORT="0",  # tests that want HTTP pass a free port
         )
         env.update({f"RUNNERD_{name.upper()}": str(value) for name, value in settings.items()})
         log_path = tmp_path / f"serve-{len(daemons)}.log"

@@ -1,0 +1,145 @@
+"""Every Prometheus metric runnerd exports, defined once, all named runnerd_*.
+
+Each worker has its own registry (no global state shared between workers started in one process,
+as tests do). Names follow Prometheus conventions: base units in the name, counters end in
+_total. The autoscaling signal is `runnerd_backlog_per_worker` (and `runnerd_saturation`), which
+an ECS target-tracking policy follows once it reaches CloudWatch (see README).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# 1 ms .. 5 min, roughly doubling: steps and executions span that whole range.
+DURATION_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+SPAWN_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+KILL_REASONS = {"timeout": "timeout", "memory": "memory", "cpu": "cpu", "output_limit": "output"}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.executions = Counter(
+            "runnerd_executions_finished",
+            "Executions finished, by final status.",
+            ["status"],
+            registry=r,
+        )
+        self.steps = Counter(
+            "runnerd_steps_finished",
+            "Steps finished, by runtime and result (ok or error type).",
+            ["runtime", "result"],
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            "runnerd_step_duration_seconds",
+            "Time a step took, as the worker saw it.",
+            ["runtime"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.execution_duration = Histogram(
+            "runnerd_execution_duration_seconds",
+            "Time from taking an execution to its end.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.spawn_duration = Histogram(
+            "runnerd_sandbox_spawn_seconds",
+            "Time to get a confined child ready for a step (near zero when one was warm).",
+            ["runtime"],
+            buckets=SPAWN_BUCKETS,
+            registry=r,
+        )
+        self.kills = Counter(
+            "runnerd_sandbox_kills",
+            "Steps ended by a sandbox limit, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "runnerd_executions_in_flight", "Executions running on this worker now.", registry=r
+        )
+        self.capacity = Gauge(
+            "runnerd_capacity",
+            "Executions this worker may run at once (RUNNERD_CONCURRENCY).",
+            registry=r,
+        )
+        self.saturation = Gauge(
+            "runnerd_saturation", "In-flight executions over capacity (0..1).", registry=r
+        )
+        self.backlog = Gauge(
+            "runnerd_backlog",
+            "Executions waiting for a worker: stream lag plus pending entries "
+            "not yet acknowledged, over all partitions.",
+            registry=r,
+        )
+        self.backlog_per_worker = Gauge(
+            "runnerd_backlog_per_worker",
+            "Backlog divided by the workers reading the group: the autoscaling signal.",
+            registry=r,
+        )
+        self.workers = Gauge(
+            "runnerd_workers", "Workers of the consumer group seen active recently.", registry=r
+        )
+        self.dead_lettered = Counter(
+            "runnerd_dead_lettered", "Entries moved to the dead-letter stream.", registry=r
+        )
+        self.retried = Counter(
+            "runnerd_retried", "Executions parked for a retry after a failed step.", registry=r
+        )
+        self.redis_errors = Counter(
+            "runnerd_redis_errors",
+            "Redis operations that failed (each is retried).",
+            ["operation"],
+            registry=r,
+        )
+        self.layers = Gauge(
+            "runnerd_sandbox_layer",
+            "Sandbox layers on this host: 1 applied, 0 missing.",
+            ["layer"],
+            registry=r,
+        )
+        self.draining = Gauge(
+            "runnerd_draining", "1 while the worker drains before exit.", registry=r
+        )
+        self.last_saturation = 0.0
+        self.last_backlog_per_worker = 0.0
+
+    def step_finished(self, runtime: str, error_type: str | None, duration_s: float) -> None:
+        self.steps.labels(runtime, error_type or "ok").inc()
+        self.step_duration.labels(runtime).observe(duration_s)
+        reason = KILL_REASONS.get(error_type or "")
+        if reason is not None:
+            self.kills.labels(reason).inc()
+
+    def set_in_flight(self, in_flight: int, capacity: int) -> None:
+        self.in_flight.set(in_flight)
+        self.capacity.set(capacity)
+        self.last_saturation = min(1.0, in_flight / capacity) if capacity else 0.0
+        self.saturation.set(self.last_saturation)
+
+    def set_backlog(self, backlog: int, workers: int) -> None:
+        self.backlog.set(backlog)
+        self.workers.set(workers)
+        self.last_backlog_per_worker = backlog / max(1, workers)
+        self.backlog_per_worker.set(self.last_backlog_per_worker)
