@@ -42,7 +42,10 @@ def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark scenarios for runnerd; figures are kept in bench/RESULTS.md.",
+    )
     commands = parser.add_subparsers(dest="scenario", required=True)
     for name, module in SCENARIOS.items():
         sub = commands.add_parser(name, help=module.HELP, description=module.__doc__)

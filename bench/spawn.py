@@ -29,6 +29,7 @@ from bench.spawn_report import (
     markdown,
     ratio_spreads,
     table,
+    targets,
     verdicts,
 )
 from bench.stats import Summary, aggregate, summarize
@@ -59,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prime",
         type=int,
         default=slots,
-        help=f"unmeasured steps once per runnerd Python variant (default {slots}, the slot "
-        "count), so every slot's cgroups are set up, as in a daemon that has been running",
+        help=f"unmeasured steps before each runnerd Python measurement (default {slots}, the "
+        "slot count), so every slot's cgroups are set up, as in a daemon that has been running",
     )
     parser.add_argument(
         "--settle-s",
@@ -229,7 +230,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     notes = skipped + layer_notes(variants, layers)
     info = report.machine_info(layers, args.loop, node)
     rendered = table(variants, aggregates, ratios)
-    print(markdown(command, info, rendered, judged, notes) if args.markdown else rendered)
+    body = f"{rendered}\n\n{targets(judged, notes)}"
+    print(markdown(command, info, body) if args.markdown else body)
     if args.json:
         report.write_json(
             args.json,

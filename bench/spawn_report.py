@@ -104,30 +104,20 @@ def table(
     return report.markdown_table(headers, rows)
 
 
-def markdown(
-    command: str,
-    info: dict[str, str],
-    table: str,
-    verdicts: list[Verdict],
-    notes: list[str],
-) -> str:
-    lines = [
-        "## spawn: latency of a trivial step, as the caller sees it",
-        "",
-        report.machine_markdown(info),
-        "",
-        f"Command: `{command}`",
-        "",
-        table,
-        "",
-        "Targets:",
-        "",
-    ]
+def targets(verdicts: list[Verdict], notes: list[str]) -> str:
+    lines = ["Targets:", ""]
     lines += [
         f"- {v.variant}: {v.target}: {v.measured}: {'met' if v.met else 'missed'}" for v in verdicts
     ]
     lines += [f"- note: {note}" for note in notes]
     return "\n".join(lines)
+
+
+def markdown(command: str, info: dict[str, str], body: str) -> str:
+    """The full report: what ran where, then the table and the verdicts."""
+    heading = "## spawn: latency of a trivial step, as the caller sees it"
+    machine = report.machine_markdown(info)
+    return f"{heading}\n\n{machine}\n\nCommand: `{command}`\n\n{body}"
 
 
 def layer_notes(variants: list[Variant], layers: list[str]) -> list[str]:

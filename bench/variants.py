@@ -30,6 +30,8 @@ JS_ONE_SHOT = (
 # one can cost the baseline start-up work the steps never do (NODE_EXTRA_CA_CERTS, set on many
 # CI machines, makes every node parse a CA bundle: ~40 ms here).
 FRESH_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+# bwrap with the isolation it is compared at: every namespace it can unshare, a read-only
+# root, private /tmp, /proc and /dev, and no outliving the caller.
 BWRAP = (
     "bwrap",
     "--unshare-all",
