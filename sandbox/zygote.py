@@ -66,6 +66,7 @@ class Zygote:
         self.children: dict[int, ChildRecord] = {}
         self.stopping = False
         self.network = namespaces.StepNetwork() if "netns" in self.available else None
+        self.keep_paths = mounts.runtime_paths(config.node_path)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -187,6 +188,7 @@ class Zygote:
             stderr_fd=fds[2],
             node_path=self.config.node_path,
             node_flags=self.config.node_flags,
+            keep_paths=self.keep_paths,
         )
 
     def set_up_from_parent(self, pid: int, plan: ChildPlan) -> None:

@@ -51,6 +51,7 @@ class ChildPlan:
     stderr_fd: int
     node_path: str
     node_flags: tuple[str, ...] = ()
+    keep_paths: tuple[str, ...] = ()  # runtime files under a temp dir, bound back read-only
 
 
 def _uid_drop(plan: ChildPlan) -> None:
@@ -61,7 +62,7 @@ def _uid_drop(plan: ChildPlan) -> None:
 
 def _mount_temp_dirs(plan: ChildPlan) -> None:
     mounts.make_private()
-    mounts.mount_temp_dirs(plan.limits.tmp_mb)
+    mounts.mount_temp_dirs(plan.limits.tmp_mb, plan.keep_paths)
 
 
 RECIPE: list[tuple[str, Callable[[ChildPlan], None]]] = [

@@ -13,6 +13,8 @@ import os
 from sandbox import syscalls
 
 TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+# statvfs(3) ST_NOSUID, ST_NODEV, ST_NOEXEC, ST_NOATIME, ST_NODIRATIME: the same bits as MS_*.
+LOCKABLE_FLAGS = 0x2 | 0x4 | 0x8 | 0x400 | 0x800
 TMPDIR = "/tmp"
 
 
@@ -21,11 +23,42 @@ def make_private() -> None:
     syscalls.mount("none", "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE, None)
 
 
-def mount_temp_dirs(size_mb: int) -> None:
+def mount_temp_dirs(size_mb: int, keep: tuple[str, ...] = ()) -> None:
+    """A fresh tmpfs over each temp dir. Paths in `keep` (the runtime's own files, when they
+    were installed under a temp dir) are bound back, read-only, at the same place."""
     flags = syscalls.MS_NOSUID | syscalls.MS_NODEV
     for path in TEMP_DIRS:
-        if os.path.isdir(path):
-            syscalls.mount("tmpfs", path, "tmpfs", flags, f"size={size_mb}m,mode=1777")
+        if not os.path.isdir(path):
+            continue
+        kept = [(p, os.open(p, os.O_PATH)) for p in keep if p.startswith(path.rstrip("/") + "/")]
+        syscalls.mount("tmpfs", path, "tmpfs", flags, f"size={size_mb}m,mode=1777")
+        for kept_path, fd in kept:
+            os.makedirs(kept_path, exist_ok=True)
+            syscalls.mount(
+                f"/proc/self/fd/{fd}", kept_path, None, syscalls.MS_BIND | syscalls.MS_REC, None
+            )
+            # In a user namespace a remount must keep the source's locked flags (nosuid, ...).
+            locked = os.statvfs(kept_path).f_flag & LOCKABLE_FLAGS
+            read_only = syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY | locked
+            syscalls.mount("none", kept_path, None, read_only, None)
+            os.close(fd)
+
+
+def runtime_paths(node_path: str) -> tuple[str, ...]:
+    """Where the runtime's own files live: the sandbox package, the environment's prefixes
+    and node. Only those under a temp dir need keeping (a checkout or venv under /tmp)."""
+    import sys
+
+    package_root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    candidates = {
+        os.path.dirname(package_root),
+        sys.prefix,
+        sys.base_prefix,
+        os.path.dirname(os.path.realpath(node_path)) if node_path else "",
+    }
+    inside = [p for p in candidates if p and any(p.startswith(d + "/") for d in TEMP_DIRS)]
+    # Keep only the outermost of nested paths (a venv inside a checkout).
+    return tuple(sorted(p for p in inside if not any(p.startswith(q + "/") for q in inside)))
 
 
 def mount_proc() -> None:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 from tests.conftest import ROOT, runnerd_argv, runnerd_env
 
@@ -161,3 +167,34 @@ def test_input_from_file(tmp_path) -> None:
     done = _runnerd("run-step", str(step), "--input", f"@{data}")
     assert done.returncode == 0, done.stderr
     assert '"output":"from file"' in done.stdout
+
+
+@pytest.fixture
+def world_readable_tmp() -> Iterator[Path]:
+    """A directory under /tmp that the step uids may pass through (pytest's own is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="runnerd-install-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_runtime_installed_under_tmp_survives_the_private_tmp(world_readable_tmp: Path) -> None:
+    """A checkout or venv under /tmp is bound back into the step's private /tmp (read-only):
+    the node runner and the Python packages must not vanish under the tmpfs."""
+    tmp_path = world_readable_tmp
+    for package in ("sandbox", "runnerd"):
+        shutil.copytree(
+            ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    step = tmp_path / "step.mjs"
+    step.write_text("export function run(input) { return input + 1; }\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "runnerd", "run-step", str(step), "--input", "41"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=runnerd_env(PYTHONPATH=str(tmp_path)),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '"output":42' in done.stdout
