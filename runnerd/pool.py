@@ -1,8 +1,9 @@
 """Warm children: already forked and confined, each waiting for exactly one step.
 
 One WarmPool per kind of child (runtime + limits, since both are fixed at confinement time).
-Taking a child starts a replacement behind it, so a step's latency is a frame round trip
-instead of a fork, a confinement and, for JavaScript, a node start. A child never runs two
+A replacement is started once the step that took a child is done (started earlier, it would
+compete with that step for the CPU), so a step's latency is a frame round trip instead of a
+fork, a confinement and, for JavaScript, a node start. A child never runs two
 steps; a pool only moves the wait for a fresh one off the step's critical path.
 """
 
@@ -26,10 +27,8 @@ class WarmPool:
         self.warming: set[asyncio.Task[None]] = set()
 
     def take(self) -> Child | None:
-        """A ready child, if any; either way, start topping the pool up."""
-        child = self.ready.popleft() if self.ready else None
-        self.refill()
-        return child
+        """A ready child, if any. The caller refills once its step is done."""
+        return self.ready.popleft() if self.ready else None
 
     def refill(self) -> None:
         for _ in range(self.size - len(self.ready) - len(self.warming)):

@@ -99,6 +99,7 @@ class Zygote:
         self._spawns: dict[int, asyncio.Future[int]] = {}
         self._exits: dict[int, asyncio.Future[Exited | None]] = {}
         self._hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
+        self._watchers: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
 
     @classmethod
@@ -208,6 +209,24 @@ class Zygote:
             raise
         return await Child.attach(self, pid, limits, ours, stdout_read, stderr_read)
 
+    def children_clean_up_themselves(self) -> bool:
+        """With a pid and a mount namespace, a child's exit takes all it started and left."""
+        layers = self.capabilities.layers
+        return all(name in layers and layers[name].ok for name in ("pidns", "mountns"))
+
+    def reap_later(self, pid: int, grace_s: float) -> None:
+        """Watch a child that sent its result: it must exit within `grace_s` or be killed
+        (a step can hold its process past its result, e.g. with an exit handler)."""
+
+        async def watch() -> None:
+            if await self.exited(pid, grace_s) is None:
+                self.kill(pid)
+                await self.exited(pid, EXIT_WAIT_S)
+
+        task = asyncio.create_task(watch())
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
     def is_alive(self) -> bool:
         return not self.closed.is_set() and self.process.returncode is None
 
@@ -235,6 +254,8 @@ class Zygote:
             future.add_done_callback(lambda _: self._exits.pop(pid, None))
 
     async def close(self) -> None:
+        for watcher in list(self._watchers):
+            watcher.cancel()  # the zygote kills every child when its socket closes
         if not self.closed.is_set():
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self.control.fileno())
@@ -390,14 +411,19 @@ class Child:
         self, result: StepResult | None, error: StepError | None, elapsed_s: float
     ) -> StepOutcome:
         await self._close_channel()
-        # A step is over once its child is reaped and its slot cleaned (leftover processes
-        # killed, temp files removed): only then may the next step of the same kind start.
-        exited = await self.zygote.exited(self.pid, EXIT_GRACE_S)
-        if exited is None:
-            self.zygote.kill(self.pid)
-            exited = await self.zygote.exited(self.pid, EXIT_WAIT_S)
-        if result is None and error is None:
-            error = self._classify_death(exited)
+        if result is not None and self.zygote.children_clean_up_themselves():
+            # Its pid namespace and private /tmp die with it: nothing of it can reach the next
+            # step, so the result goes back now and the exit is only watched (killed if late).
+            self.zygote.reap_later(self.pid, EXIT_GRACE_S)
+        else:
+            # Otherwise the step is over once its child is reaped and its slot cleaned
+            # (leftovers killed, temp files removed): only then may the next step start.
+            exited = await self.zygote.exited(self.pid, EXIT_GRACE_S)
+            if exited is None:
+                self.zygote.kill(self.pid)
+                exited = await self.zygote.exited(self.pid, EXIT_WAIT_S)
+            if result is None and error is None:
+                error = self._classify_death(exited)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STDIO_GRACE_S):
                 await asyncio.gather(*self.drains, return_exceptions=True)
@@ -497,6 +523,9 @@ class Spawner:
             output_max=step.limits.output_mb * MB,
         )
         outcome, code_cache = await child.run(request)
+        if self.pool_size > 0:
+            # Refill only now: a replacement started while the step runs competes with it.
+            self._pool(step.runtime, step.limits).refill()
         if key and code_cache:
             self._remember_code(key, code_cache)
         return outcome
