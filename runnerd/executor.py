@@ -113,6 +113,17 @@ class Executor:
             reports.append(_report(step, outcome))
             error_type = outcome.error.type if outcome.error else None
             self.metrics.step_finished(step.runtime, error_type, outcome.duration_s)
+            log.info(
+                "step %s %s in %.1f ms",
+                step.name,
+                error_type or "ok",
+                outcome.duration_s * 1000,
+                extra={
+                    "execution_id": execution_id,
+                    "step": step.name,
+                    "worker_id": self.worker_id,
+                },
+            )
             if pending_save is not None:
                 await pending_save
             if not outcome.ok:

@@ -72,7 +72,7 @@ class Metrics:
         )
         self.kills = Counter(
             "runnerd_sandbox_kills",
-            "Steps ended by a sandbox limit, by reason.",
+            "Steps stopped by a sandbox limit, by reason (pids: a fork refused at the limit).",
             ["reason"],
             registry=r,
         )
@@ -131,6 +131,11 @@ class Metrics:
         reason = KILL_REASONS.get(error_type or "")
         if reason is not None:
             self.kills.labels(reason).inc()
+
+    def child_exited(self, pids_limited: bool) -> None:
+        """A step's child was reaped; count it if its cgroup refused it a process."""
+        if pids_limited:
+            self.kills.labels("pids").inc()
 
     def set_in_flight(self, in_flight: int, capacity: int) -> None:
         self.in_flight.set(in_flight)

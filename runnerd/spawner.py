@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -100,6 +101,7 @@ class Zygote:
         self._exits: dict[int, asyncio.Future[Exited | None]] = {}
         self._hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
         self._watchers: set[asyncio.Task[None]] = set()
+        self.on_exit: Callable[[Exited], None] | None = None  # e.g. to count limit hits
         self.closed = asyncio.Event()
 
     @classmethod
@@ -166,6 +168,8 @@ class Zygote:
             _fail(self._spawns.pop(message.request_id, None), SandboxUnavailable(message.message))
         elif isinstance(message, Exited):
             _resolve(self._exit_future(message.pid), message)
+            if self.on_exit is not None:
+                self.on_exit(message)
 
     def _on_closed(self) -> None:
         with contextlib.suppress(ValueError, OSError):
@@ -486,6 +490,8 @@ class Spawner:
     def __init__(self, zygote: Zygote, pool_size: int, metrics: Metrics | None = None) -> None:
         self.zygote = zygote
         self.metrics = metrics
+        if metrics is not None:
+            zygote.on_exit = lambda exited: metrics.child_exited(exited.pids_limited)
         self.pool_size = pool_size
         self._pools: OrderedDict[tuple[Runtime, Limits], WarmPool] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()

@@ -107,13 +107,15 @@ class SpawnFailed(msgspec.Struct, tag="spawn_failed", frozen=True, forbid_unknow
 
 
 class Exited(msgspec.Struct, tag="exited", frozen=True, forbid_unknown_fields=True):
-    """A child was reaped. `status` is the raw wait status; `oom_killed` comes from its cgroup."""
+    """A child was reaped. `status` is the raw wait status; `oom_killed` and `pids_limited`
+    (a fork refused at the pids limit) come from its cgroups."""
 
     pid: int
     status: int
     cpu_s: float
     max_rss_kb: int
     oom_killed: bool
+    pids_limited: bool = False
 
 
 ToZygote = Spawn | Kill

@@ -49,7 +49,7 @@ class ZygoteConfig:
 class ChildRecord:
     slot: int
     uid: int
-    oom_before: int
+    hits_before: dict[str, int]  # controller -> limit hits when the child started
     tmpdir: str | None  # a per-slot directory to remove after exit, when no tmpfs is mounted
 
 
@@ -148,7 +148,7 @@ class Zygote:
             child.main(plan, go_read)
         _close_all([*fds, go_read])
         tmpdir = None if "mountns" in plan.layers else plan.tmpdir
-        self.children[pid] = ChildRecord(slot, uid, self.oom_count(slot), tmpdir)
+        self.children[pid] = ChildRecord(slot, uid, self.limit_hits(slot), tmpdir)
         try:
             self.set_up_from_parent(pid, plan)
             os.write(go_write, child.GO)
@@ -218,10 +218,12 @@ class Zygote:
             record = self.children.get(pid)
             if record is None:
                 continue
-            oom_killed = self.oom_count(record.slot) > record.oom_before
+            hits = self.limit_hits(record.slot)
+            oom_killed = hits.get("memory", 0) > record.hits_before.get("memory", 0)
+            pids_limited = hits.get("pids", 0) > record.hits_before.get("pids", 0)
             self.release(pid)
             cpu_s = usage.ru_utime + usage.ru_stime
-            self.send(Exited(pid, status, cpu_s, usage.ru_maxrss, oom_killed))
+            self.send(Exited(pid, status, cpu_s, usage.ru_maxrss, oom_killed, pids_limited))
 
     def release(self, pid: int) -> None:
         """Make a dead child's slot clean for the next one, then free it."""
@@ -236,10 +238,8 @@ class Zygote:
             shutil.rmtree(record.tmpdir, ignore_errors=True)
         self.free_slots.append(record.slot)
 
-    def oom_count(self, slot: int) -> int:
-        return sum(
-            cgroups.oom_kills(c, slot) for c in self.probed.controllers if c.name == "memory"
-        )
+    def limit_hits(self, slot: int) -> dict[str, int]:
+        return {c.name: cgroups.limit_hits(c, slot) for c in self.probed.controllers}
 
 
 def _cgroup_limit(controller: str, limits: Limits) -> int:

@@ -74,7 +74,7 @@ RECIPE: list[tuple[str, Callable[[ChildPlan], None]]] = [
     ("private_proc", lambda plan: mounts.mount_proc()),
     ("utsns", lambda plan: namespaces.set_hostname()),
     ("uid_drop", _uid_drop),
-    ("rlimits", lambda plan: rlimits.apply(plan.limits, plan.runtime)),
+    ("rlimits", lambda p: rlimits.apply(p.limits, p.runtime, "cgroup_pids" in p.layers)),
     # Only a user namespace leaves capabilities to drop (a plain uid drop cleared them all).
     ("userns", lambda plan: privileges.drop_capabilities()),
     ("no_new_privs", lambda plan: privileges.set_no_new_privs()),

@@ -28,7 +28,8 @@ class Controller:
     name: str  # "memory" or "pids"
     directory: str
     limit_file: str
-    events_file: str | None
+    events_file: str
+    event: str  # the line of events_file counting the limit's hits: "oom_kill" or "max"
 
     def slot_dir(self, slot: int) -> str:
         return os.path.join(self.directory, f"slot-{slot}")
@@ -54,6 +55,7 @@ def create(controller: str, owner_pid: int) -> Controller:
     if found is None:
         raise LayerError(f"cgroup_{controller}", "controller not mounted")
     parent, is_v2 = found
+    _remove_stale(parent)
     directory = os.path.join(parent, f"runnerd-{owner_pid}")
     try:
         os.makedirs(directory, exist_ok=True)
@@ -69,8 +71,8 @@ def create(controller: str, owner_pid: int) -> Controller:
             if is_v2
             else ("memory.limit_in_bytes", "memory.oom_control")
         )
-        return Controller(controller, directory, limit, events)
-    return Controller(controller, directory, "pids.max", None)
+        return Controller(controller, directory, limit, events, "oom_kill")
+    return Controller(controller, directory, "pids.max", "pids.events", "max")
 
 
 def prepare_slot(controller: Controller, slot: int, limit: int) -> None:
@@ -85,15 +87,13 @@ def attach(controller: Controller, slot: int, pid: int) -> None:
         f.write(str(pid))
 
 
-def oom_kills(controller: Controller, slot: int) -> int:
-    """How many times the kernel's OOM killer has struck in this slot's cgroup."""
-    if controller.events_file is None:
-        return 0
+def limit_hits(controller: Controller, slot: int) -> int:
+    """How often this slot's cgroup hit its limit: OOM kills (memory), refused forks (pids)."""
     try:
         with open(os.path.join(controller.slot_dir(slot), controller.events_file)) as f:
             for line in f:
                 key, _, value = line.partition(" ")
-                if key == "oom_kill":
+                if key == controller.event:
                     return int(value)
     except OSError:
         pass
@@ -110,6 +110,28 @@ def remove(controller: Controller) -> None:
         if entry.startswith("slot-"):
             _rmdir(os.path.join(controller.directory, entry))
     _rmdir(controller.directory)
+
+
+def _remove_stale(parent: str) -> None:
+    """Remove the directories of zygotes that died without cleaning up (SIGKILL)."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        pid = name.removeprefix("runnerd-")
+        if name.startswith("runnerd-") and pid.isdigit() and not _alive(int(pid)):
+            remove(Controller("stale", os.path.join(parent, name), "", "", ""))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _rmdir(path: str) -> None:

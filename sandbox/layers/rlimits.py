@@ -19,7 +19,7 @@ MB = 1024 * 1024
 NODE_ADDRESS_SPACE_HEADROOM_MB = 4096
 
 
-def table(limits: Limits, runtime: str) -> list[tuple[int, int]]:
+def table(limits: Limits, runtime: str, pids_cgroup: bool = False) -> list[tuple[int, int]]:
     address_space_mb = limits.memory_mb
     if runtime == "node":
         address_space_mb += NODE_ADDRESS_SPACE_HEADROOM_MB
@@ -27,7 +27,9 @@ def table(limits: Limits, runtime: str) -> list[tuple[int, int]]:
         # soft < hard: SIGXCPU first (a handler-less pid 1 ignores it), SIGKILL one second later.
         (resource.RLIMIT_CPU, limits.cpu_s),
         (resource.RLIMIT_AS, address_space_mb * MB),
-        (resource.RLIMIT_NPROC, limits.pids),
+        # With a pids cgroup, it is the one to refuse a fork (its events count the refusals);
+        # RLIMIT_NPROC stays just above it as the second wall.
+        (resource.RLIMIT_NPROC, limits.pids + (1 if pids_cgroup else 0)),
         (resource.RLIMIT_NOFILE, limits.open_files),
         (resource.RLIMIT_FSIZE, limits.file_size_mb * MB),
         (resource.RLIMIT_CORE, 0),
@@ -36,8 +38,8 @@ def table(limits: Limits, runtime: str) -> list[tuple[int, int]]:
     ]
 
 
-def apply(limits: Limits, runtime: str) -> None:
-    for which, value in table(limits, runtime):
+def apply(limits: Limits, runtime: str, pids_cgroup: bool = False) -> None:
+    for which, value in table(limits, runtime, pids_cgroup):
         hard = value + 1 if which == resource.RLIMIT_CPU else value
         resource.setrlimit(which, (value, hard))
     # Over-size writes should fail with EFBIG (a clear error in the step) rather than kill it.

@@ -50,8 +50,15 @@ def _env() -> dict[str, str]:
     return {item["name"]: item["value"] for item in _container()["environment"]}
 
 
-def test_task_definition_matches_the_ecs_api_model() -> None:
+def test_task_definitions_match_the_ecs_api_model() -> None:
     _validate("ecs", "RegisterTaskDefinition", TASK_DEF)
+    # The alternative with a collector sidecar scraping /metrics instead of EMF lines.
+    with_sidecar = json.loads((ROOT / "deploy" / "ecs-task-def-adot.json").read_text())
+    _validate("ecs", "RegisterTaskDefinition", with_sidecar)
+    names = [c["name"] for c in with_sidecar["containerDefinitions"]]
+    assert names == ["runnerd", "adot-collector"]
+    collector = with_sidecar["containerDefinitions"][1]["environment"][0]["value"]
+    assert f"localhost:{_env()['RUNNERD_HTTP_PORT']}" in collector
 
 
 def test_task_definition_is_a_valid_fargate_task() -> None:

@@ -84,6 +84,47 @@ def test_health_ready_and_metrics(serve: ServeFactory, prefix: str) -> None:
     assert "runnerd_backlog_per_worker" in text and "runnerd_sandbox_spawn_seconds_bucket" in text
 
 
+FORKS = Integration.from_dict(
+    {
+        "name": "forks",
+        "limits": {"pids": 8},
+        "steps": [
+            {
+                "name": "bomb",
+                "source": "import os, time\n"
+                "def run(i, c):\n"
+                "    for _ in range(20):\n"
+                "        if os.fork() == 0:\n"
+                "            time.sleep(5)\n"
+                "            os._exit(0)\n",
+            }
+        ],
+    }
+)
+HURRIED = Integration.from_dict(
+    {
+        "name": "hurried",
+        "limits": {"wall_s": 0.5},
+        "steps": [{"name": "nap", "source": "import time\ndef run(i, c):\n    time.sleep(i)\n"}],
+    }
+)
+
+
+def test_limit_kills_are_counted_by_reason(serve: ServeFactory, prefix: str) -> None:
+    port = free_port()
+    serve(http_port=port)
+    assert run_one(HURRIED, 5, prefix).error.type == "timeout"
+    assert run_one(FORKS, None, prefix).error.type == "exception"  # BlockingIOError at the limit
+
+    def counted() -> str | None:
+        text = get(port, "/metrics")[1]
+        return text if 'reason="pids"' in text else None
+
+    text = wait_for(counted, 10, "the pids limit to be counted")
+    assert metric(text, "runnerd_sandbox_kills_total", '{reason="timeout"}') == 1
+    assert metric(text, "runnerd_sandbox_kills_total", '{reason="pids"}') >= 1
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 def test_metrics_pass_promtool(serve: ServeFactory, prefix: str) -> None:
     port = free_port()
@@ -213,6 +254,8 @@ def test_logs_are_json_lines_with_the_worker_id(serve: ServeFactory, prefix: str
     lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
     assert lines and all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
     assert any(line.get("worker_id") == daemon.worker_id for line in lines)
+    steps = [line for line in lines if line.get("step") == "echo"]
+    assert steps and steps[0]["execution_id"] and steps[0]["level"] == "info", lines
 
 
 def _dockerfile_instruction(name: str) -> list[str]:
