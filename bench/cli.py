@@ -8,10 +8,14 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from bench import spawn
+from bench import scale, spawn, throughput
 
 # name -> module with add_arguments(parser) and run(args, command) -> int
-SCENARIOS: dict[str, ModuleType] = {"spawn": spawn}
+SCENARIOS: dict[str, ModuleType] = {
+    "spawn": spawn,
+    "throughput": throughput,
+    "scale": scale,
+}
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:

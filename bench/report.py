@@ -89,3 +89,13 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
+
+
+def document(heading: str, command: str, info: dict[str, str], body: str) -> str:
+    """A full markdown report: the heading, what ran where, the command, then the body."""
+    return f"{heading}\n\n{machine_markdown(info)}\n\nCommand: `{command}`\n\n{body}"
+
+
+def config(args: Any) -> dict[str, Any]:
+    """The run's flags, without the output ones."""
+    return {k: v for k, v in vars(args).items() if k not in ("json", "markdown")}

@@ -1,0 +1,205 @@
+"""Real `runnerd serve` processes for the Redis scenarios: start, wait until reading, stop.
+
+Every fleet gets its own key prefix (the Redis may be shared with other runs) and deletes its
+keys when it stops; every worker gets its own range of step uids, so two workers, or a
+worker of another run on the same host, never hand one uid to two children at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import psutil  # type: ignore[import-untyped]  # no stubs in the dev install
+
+from runnerd.client import Client
+
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What each worker is started with (the RUNNERD_* variables it gets)."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    concurrency: int = 8
+    pool_size: int = 2
+    partitions: int = 1
+    uid_base: int = 600_000
+    slots: int = 256
+    drain_s: float = 5.0
+
+    def environment(self, prefix: str, index: int) -> dict[str, str]:
+        return {
+            **os.environ,
+            "REDIS_URL": self.redis_url,
+            "RUNNERD_KEY_PREFIX": prefix,
+            "RUNNERD_CONCURRENCY": str(self.concurrency),
+            "RUNNERD_POOL_SIZE": str(self.pool_size),
+            "RUNNERD_PARTITIONS": str(self.partitions),
+            "RUNNERD_SANDBOX_UID_BASE": str(self.uid_base + index * self.slots),
+            "RUNNERD_SANDBOX_SLOTS": str(self.slots),
+            "RUNNERD_DRAIN_S": f"{self.drain_s:g}",
+            "RUNNERD_HTTP_PORT": "0",
+            "RUNNERD_LOG_LEVEL": "warning",
+        }
+
+
+class WorkerFailed(Exception):
+    """A worker exited or never started reading; carries the tail of its log."""
+
+
+@dataclass
+class Memory:
+    """Resident memory in MiB: the worker itself, and its children (zygote, warm pool)."""
+
+    worker_mib: float
+    children_mib: float
+
+
+@dataclass
+class Fleet:
+    """`async with Fleet(count, options) as fleet:` workers reading, `fleet.client` connected."""
+
+    count: int
+    options: WorkerOptions = field(default_factory=WorkerOptions)
+    prefix: str = field(default_factory=lambda: f"bench-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _client: Client | None = None
+    _logdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def client(self) -> Client:
+        assert self._client is not None, "use `async with Fleet(...)`"
+        return self._client
+
+    async def __aenter__(self) -> Fleet:
+        self._logdir = tempfile.TemporaryDirectory(prefix="bench-workers-")
+        self._client = Client(self.options.redis_url, self.prefix, self.options.partitions)
+        await self._client.__aenter__()
+        try:
+            for index in range(self.count):
+                self.processes.append(self._start(index))
+            await self._wait_reading()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _start(self, index: int) -> subprocess.Popen[bytes]:
+        assert self._logdir is not None
+        log = open(Path(self._logdir.name) / f"worker-{index}.log", "wb")  # noqa: SIM115
+        with log:
+            # Own session: a worker that ignores SIGTERM is killed with its zygote as a group.
+            return subprocess.Popen(
+                [sys.executable, "-m", "runnerd", "serve"],
+                env=self.options.environment(self.prefix, index),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def log_tail(self, index: int, chars: int = 2000) -> str:
+        assert self._logdir is not None
+        path = Path(self._logdir.name) / f"worker-{index}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    async def _wait_reading(self) -> None:
+        """A worker is ready once one of its Redis connections is blocked in XREADGROUP (after
+        its zygote and probe are up). Redis 7.0 lists a consumer only once it was handed an
+        entry, so the connections are matched by address instead: the worker's local TCP
+        ports, against the addresses CLIENT LIST shows."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            for index, process in enumerate(self.processes):
+                if process.poll() is not None:
+                    raise WorkerFailed(
+                        f"worker {index} exited {process.returncode}:\n{self.log_tail(index)}"
+                    )
+            clients: Any = await self.client.redis.client_list()
+            reading = {c["addr"] for c in clients if str(c.get("cmd", "")).startswith("xread")}
+            if all(_addresses(p.pid) & reading for p in self.processes):
+                return
+            if time.monotonic() > deadline:
+                raise WorkerFailed(f"workers not reading after {READY_TIMEOUT_S:g} s")
+            await asyncio.sleep(0.05)
+
+    def memory(self) -> list[Memory]:
+        found = []
+        for process in self.processes:
+            me = psutil.Process(process.pid)
+            children = sum(_rss(c) for c in me.children(recursive=True))
+            found.append(Memory(_rss(me) / 2**20, children / 2**20))
+        return found
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._stop_all)
+        if self._client is not None:
+            try:
+                await self._delete_keys()
+            finally:
+                await self._client.close()
+                self._client = None
+        if self._logdir is not None:
+            self._logdir.cleanup()
+            self._logdir = None
+
+    def _stop_all(self) -> None:
+        """SIGTERM (the worker drains), then SIGKILL to the group past the deadline."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for process in self.processes:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.processes = []
+
+    async def _delete_keys(self) -> None:
+        redis = self.client.redis
+        pattern = "{" + self.prefix + "*"  # {prefix-N}:... and {prefix}:...
+        batch: list[bytes] = []
+        async for key in redis.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                await redis.unlink(*batch)
+                batch = []
+        if batch:
+            await redis.unlink(*batch)
+
+
+def _rss(process: psutil.Process) -> int:
+    """Resident bytes; 0 for a child that exited meanwhile (a finished step's)."""
+    try:
+        return int(process.memory_info().rss)
+    except psutil.NoSuchProcess:
+        return 0
+
+
+def _addresses(pid: int) -> set[str]:
+    """The local ip:port of each TCP connection the process holds."""
+    try:
+        connections = psutil.Process(pid).net_connections("tcp")
+    except psutil.NoSuchProcess:
+        return set()
+    return {f"{c.laddr.ip}:{c.laddr.port}" for c in connections if c.laddr}

@@ -1,0 +1,47 @@
+"""The throughput and scale scenarios run end to end with tiny sizes against real workers and
+the shared Redis, report sane figures (never speed) and leave no keys behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+
+from bench import cli
+
+TINY = ["--repeat", "2", "--steps", "8", "--warmup", "2", "--clients", "2"]
+WORKERS = ["--concurrency", "2", "--pool-size", "1", "--uid-base", "640000"]
+
+
+def _leftover_keys() -> list[bytes]:
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        return list(client.scan_iter(match="{bench-*", count=1000))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(("scenario", "counts"), [("throughput", [1]), ("scale", [1, 2])])
+def test_reports_every_fleet(
+    scenario: str, counts: list[int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = set(_leftover_keys())
+    out = tmp_path / "out.json"
+
+    assert cli.main([scenario, *TINY, *WORKERS, "--json", str(out), "--markdown"]) == 0
+
+    data = json.loads(out.read_text())
+    assert [fleet["workers"] for fleet in data["fleets"]] == counts
+    for fleet in data["fleets"]:
+        assert len(fleet["repetitions"]) == 2
+        assert fleet["layers"], "every step reports its confinement layers"
+        assert all(m["worker_mib"] > 0 for m in fleet["memory_warm"])
+        for repetition in fleet["repetitions"]:
+            assert repetition["per_s"] > 0
+            assert repetition["latency"]["n"] == 8
+            assert 0 < repetition["latency"]["p50"] <= repetition["latency"]["max"]
+    assert [t.startswith("- 1 worker") for t in data["targets"]] == [True]
+    assert "| workers | executions/s |" in capsys.readouterr().out
+    assert set(_leftover_keys()) <= before, "the run deletes its keys"
