@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import statistics
 import sys
 import time
@@ -122,6 +123,8 @@ async def submit(args: argparse.Namespace, settings: Settings) -> int:
 async def demo(args: argparse.Namespace, settings: Settings) -> int:
     integration = Integration.load(DEMO)
     settings = msgspec.structs.replace(settings, http_port=0)  # a demo opens no port
+    # Its private Redis keeps nothing on purpose: no warnings about that, only the demo's output.
+    logging.getLogger("runnerd").setLevel(logging.ERROR)
     async with EmbeddedRedis() as redis:
         worker = await start_worker(settings, redis.url)
         serving = asyncio_task(worker.serve(install_signals=False))

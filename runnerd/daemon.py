@@ -141,6 +141,8 @@ class Worker:
         worker = cls(config, redis, spawner, metrics)
         try:
             await worker.store.ensure_groups()
+            for warning in await worker.store.durability_warnings():
+                worker.log.warning("redis configuration: %s", warning)
         except BaseException:
             await worker.close()
             raise

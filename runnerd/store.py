@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from runnerd.keys import GROUP, Keys
 from runnerd.messages import (
@@ -117,6 +117,28 @@ class Store:
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+
+    async def durability_warnings(self) -> list[str]:
+        """What in the server's configuration would break the delivery guarantees. Managed
+        services may refuse CONFIG GET; then nothing can be said."""
+        try:
+            config: Any = await self.redis.config_get("*")
+        except RedisError:
+            return []
+        config = {_text(k): _text(v) for k, v in config.items()}
+        warnings = []
+        policy = config.get("maxmemory-policy", "noeviction")
+        if policy != "noeviction":
+            warnings.append(
+                f"maxmemory-policy is {policy}: under memory pressure Redis may evict pending "
+                "work, results or checkpoints; set it to noeviction"
+            )
+        if config.get("appendonly") != "yes" and not config.get("save"):
+            warnings.append(
+                "persistence is off (no AOF, no RDB snapshots): a Redis restart loses every "
+                "queued execution; set appendonly yes"
+            )
+        return warnings
 
     async def read_new(
         self, partition: int, consumer: str, count: int, block_ms: int | None

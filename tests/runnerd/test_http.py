@@ -254,6 +254,8 @@ def test_logs_are_json_lines_with_the_worker_id(serve: ServeFactory, prefix: str
     lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
     assert lines and all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
     assert any(line.get("worker_id") == daemon.worker_id for line in lines)
+    # The shared test Redis keeps nothing on disk: the worker says what that risks.
+    assert any("persistence is off" in line["msg"] for line in lines if line["level"] == "warning")
     steps = [line for line in lines if line.get("step") == "echo"]
     assert steps and steps[0]["execution_id"] and steps[0]["level"] == "info", lines
 
