@@ -8,13 +8,15 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from bench import scale, spawn, throughput
+from bench import chain, payload, scale, spawn, throughput
 
 # name -> module with add_arguments(parser) and run(args, command) -> int
 SCENARIOS: dict[str, ModuleType] = {
     "spawn": spawn,
     "throughput": throughput,
     "scale": scale,
+    "chain": chain,
+    "payload": payload,
 }
 
 
