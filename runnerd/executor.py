@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import msgspec
 
 from runnerd.messages import (
+    ENTRY_VERSION,
     Checkpoint,
     Execution,
     ExecutionResult,
@@ -80,13 +81,21 @@ class Executor:
             )
             await self._dead(entry, None, reason)
             return "dead"
+        if execution.version != ENTRY_VERSION:
+            # Written by a newer (or broken) client: guessing at its meaning could run the
+            # wrong thing, so tell the submitter instead.
+            reason = (
+                f"entry version {execution.version} unknown (this worker reads {ENTRY_VERSION})"
+            )
+            await self._dead(entry, execution, reason)
+            return "dead"
         if entry.deliveries > self.max_deliveries:
             reason = f"delivered {entry.deliveries} times (limit {self.max_deliveries})"
             await self._dead(entry, execution, reason)
             return "dead"
         integration = await self._integration(entry.partition, execution.integration)
-        if integration is None:
-            await self._dead(entry, execution, "integration definition not found")
+        if isinstance(integration, str):
+            await self._dead(entry, execution, integration)
             return "dead"
         return await self._run(entry, execution, integration)
 
@@ -205,14 +214,20 @@ class Executor:
         except ValueError:
             return False
 
-    async def _integration(self, partition: int, digest: str) -> Integration | None:
+    async def _integration(self, partition: int, digest: str) -> Integration | str:
+        """The integration, or why it cannot be run."""
         cached = self._integrations.get(digest)
         if cached is None:
             try:
-                cached = await self.store.integration(partition, digest)
-            except msgspec.DecodeError:
-                return None
-            if cached is not None and len(self._integrations) < 1024:
+                found = await self.store.integration(partition, digest)
+            except msgspec.DecodeError as exc:
+                return f"integration definition undecodable: {exc}"
+            if found is None:
+                return "integration definition not found"
+            if not found.steps:
+                return "integration definition has no steps"
+            cached = found
+            if len(self._integrations) < 1024:
                 self._integrations[digest] = cached
         return cached
 
