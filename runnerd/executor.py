@@ -111,6 +111,16 @@ class Executor:
                 return await self._finished_or_dead(entry, execution)
             checkpoint = Checkpoint(0, execution.attempt, msgspec.Raw(payload))
         attempt = max(execution.attempt, checkpoint.attempt)
+        # One line per run of an execution: with the step lines it tells which step runs a
+        # crash, a reclaim or a lost Redis connection made repeat.
+        log.info(
+            "execution %s attempt %d from step %d (delivery %d)",
+            execution_id,
+            attempt,
+            checkpoint.next_step,
+            entry.deliveries,
+            extra={"execution_id": execution_id, "worker_id": self.worker_id},
+        )
         reports = list(checkpoint.steps)
         payload_raw = checkpoint.payload
         pending_save: asyncio.Task[None] | None = None
