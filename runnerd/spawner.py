@@ -31,6 +31,7 @@ import msgspec
 
 import sandbox
 from runnerd.errors import SandboxUnavailable
+from runnerd.memwatch import MemoryWatch
 from runnerd.messages import StepOutcome
 from runnerd.metrics import Metrics
 from runnerd.pool import WarmPool
@@ -42,6 +43,7 @@ from sandbox.protocol import (
     Exited,
     Hello,
     Kill,
+    LayerStatus,
     Limits,
     Ready,
     Runtime,
@@ -97,7 +99,8 @@ class Zygote:
         self.control = control
         self.capabilities = Capabilities({})
         self._next_request = 0
-        self._spawns: dict[int, asyncio.Future[int]] = {}
+        self._spawns: dict[int, asyncio.Future[Spawned]] = {}
+        self.memory_watch: MemoryWatch | None = None
         self._exits: dict[int, asyncio.Future[Exited | None]] = {}
         self._hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
         self._watchers: set[asyncio.Task[None]] = set()
@@ -144,6 +147,9 @@ class Zygote:
             await zygote.close()
             raise SandboxUnavailable(f"the sandbox zygote did not start: {exc}") from exc
         zygote.capabilities = hello.capabilities
+        layers = hello.capabilities.layers
+        if not _ok(layers, "cgroup_memory") and _ok(layers, "uid_drop"):
+            zygote.memory_watch = MemoryWatch(zygote.kill)
         return zygote
 
     def _on_readable(self) -> None:
@@ -163,7 +169,7 @@ class Zygote:
         if isinstance(message, Hello):
             _resolve(self._hello, message)
         elif isinstance(message, Spawned):
-            _resolve(self._spawns.pop(message.request_id, None), message.pid)
+            _resolve(self._spawns.pop(message.request_id, None), message)
         elif isinstance(message, SpawnFailed):
             _fail(self._spawns.pop(message.request_id, None), SandboxUnavailable(message.message))
         elif isinstance(message, Exited):
@@ -195,7 +201,7 @@ class Zygote:
         stderr_read, stderr_write = os.pipe()
         self._next_request += 1
         request_id = self._next_request
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Spawned] = asyncio.get_running_loop().create_future()
         self._spawns[request_id] = future
         try:
             payload = protocol.encode(Spawn(request_id, runtime, limits))
@@ -205,18 +211,20 @@ class Zygote:
                 os.close(fd)
             theirs.close()
         try:
-            pid = await future
+            spawned = await future
         except BaseException:
             ours.close()
             os.close(stdout_read)
             os.close(stderr_read)
             raise
-        return await Child.attach(self, pid, limits, ours, stdout_read, stderr_read)
+        child = await Child.attach(self, spawned.pid, limits, ours, stdout_read, stderr_read)
+        child.uid = spawned.uid
+        return child
 
     def children_clean_up_themselves(self) -> bool:
         """With a pid and a mount namespace, a child's exit takes all it started and left."""
         layers = self.capabilities.layers
-        return all(name in layers and layers[name].ok for name in ("pidns", "mountns"))
+        return _ok(layers, "pidns") and _ok(layers, "mountns")
 
     def reap_later(self, pid: int, grace_s: float) -> None:
         """Watch a child that sent its result: it must exit within `grace_s` or be killed
@@ -260,6 +268,8 @@ class Zygote:
     async def close(self) -> None:
         for watcher in list(self._watchers):
             watcher.cancel()  # the zygote kills every child when its socket closes
+        if self.memory_watch is not None:
+            self.memory_watch.close()
         if not self.closed.is_set():
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self.control.fileno())
@@ -315,6 +325,7 @@ class Child:
         self.zygote = zygote
         self.pid = pid
         self.limits = limits
+        self.uid = -1
         self.layers: list[str] = []
         self.stdout = TailBuffer(limits.stdio_kb * 1024)
         self.stderr = TailBuffer(limits.stdio_kb * 1024)
@@ -371,6 +382,9 @@ class Child:
         result: StepResult | None = None
         error: StepError | None = None
         compiled: bytes | None = None
+        watch = self.zygote.memory_watch
+        if watch is not None:
+            watch.add(self.pid, self.uid, self.limits.memory_mb * MB)
         try:
             async with asyncio.timeout(self.limits.wall_s):
                 self.writer.write(protocol.encode_frame(request))
@@ -415,6 +429,9 @@ class Child:
         self, result: StepResult | None, error: StepError | None, elapsed_s: float
     ) -> StepOutcome:
         await self._close_channel()
+        watch = self.zygote.memory_watch
+        if watch is not None and watch.remove(self.pid):
+            result, error = None, self._memory_error()
         if result is not None and self.zygote.children_clean_up_themselves():
             # Its pid namespace and private /tmp die with it: nothing of it can reach the next
             # step, so the result goes back now and the exit is only watched (killed if late).
@@ -453,9 +470,7 @@ class Child:
             return StepError("sandbox", "the child's exit was never reported")
         status = exited.status
         if exited.oom_killed or self._node_out_of_memory():
-            return StepError(
-                "memory", f"the step exceeded its memory limit of {self.limits.memory_mb} MB"
-            )
+            return self._memory_error()
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
             # A handler-less pid 1 ignores SIGXCPU, so the hard limit's SIGKILL is what ends it:
@@ -465,6 +480,11 @@ class Child:
             return StepError("killed", f"the step was killed by {signal.Signals(sig).name}")
         code = os.WEXITSTATUS(status)
         return StepError("protocol", f"the step exited (status {code}) without sending a result")
+
+    def _memory_error(self) -> StepError:
+        return StepError(
+            "memory", f"the step exceeded its memory limit of {self.limits.memory_mb} MB"
+        )
 
     def _node_out_of_memory(self) -> bool:
         tail = self.stderr.text()
@@ -580,6 +600,10 @@ class Spawner:
             await pool.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
         await self.zygote.close()
+
+
+def _ok(layers: dict[str, LayerStatus], name: str) -> bool:
+    return name in layers and layers[name].ok
 
 
 def _code_key(step: StepSpec) -> str:

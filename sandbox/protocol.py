@@ -99,6 +99,7 @@ class Hello(msgspec.Struct, tag="hello", frozen=True, forbid_unknown_fields=True
 class Spawned(msgspec.Struct, tag="spawned", frozen=True, forbid_unknown_fields=True):
     request_id: int
     pid: int
+    uid: int  # the slot's host uid: every process of the step runs as it
 
 
 class SpawnFailed(msgspec.Struct, tag="spawn_failed", frozen=True, forbid_unknown_fields=True):

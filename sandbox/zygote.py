@@ -158,7 +158,7 @@ class Zygote:
             return
         finally:
             os.close(go_write)
-        self.send(Spawned(request.request_id, pid))
+        self.send(Spawned(request.request_id, pid, uid))
 
     def clone(self, plan: ChildPlan) -> int:
         flags = namespaces.clone_flags(plan.layers)

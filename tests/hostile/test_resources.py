@@ -182,15 +182,7 @@ def test_javascript_heap_past_the_limit(run_step: RunStep, witnesses: Witnesses)
     witnesses.assert_unharmed()
 
 
-def test_javascript_buffers_past_the_limit(
-    run_step: RunStep, profile: str, witnesses: Witnesses, request: pytest.FixtureRequest
-) -> None:
-    _xfail_on_fargate(
-        request,
-        profile,
-        "without a memory cgroup only RLIMIT_AS bounds node, and it is memory_mb + 4096 MB "
-        "(V8's reservations), so off-heap Buffers are not held to --memory-mb",
-    )
+def test_javascript_buffers_past_the_limit(run_step: RunStep, witnesses: Witnesses) -> None:
     started = time.monotonic()
     result = run_step(MEMORY_JS_BUFFERS, "--memory-mb", "64", "--wall-s", "20", suffix=".mjs")
 
@@ -200,14 +192,8 @@ def test_javascript_buffers_past_the_limit(
 
 
 def test_memory_limit_counts_every_process_of_the_step(
-    run_step: RunStep, profile: str, witnesses: Witnesses, request: pytest.FixtureRequest
+    run_step: RunStep, witnesses: Witnesses
 ) -> None:
-    _xfail_on_fargate(
-        request,
-        profile,
-        "without a memory cgroup the limit is RLIMIT_AS, per process: a step holds up to "
-        "--pids times --memory-mb",
-    )
     result = run_step(MEMORY_PROCESSES, "--memory-mb", "64", "--wall-s", "20")
 
     witnesses.assert_unharmed()
