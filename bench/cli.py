@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from bench import chain, payload, scale, spawn, throughput
+from bench import chain, openloop, payload, scale, spawn, throughput
 
 # name -> module with add_arguments(parser) and run(args, command) -> int
 SCENARIOS: dict[str, ModuleType] = {
@@ -17,6 +17,7 @@ SCENARIOS: dict[str, ModuleType] = {
     "scale": scale,
     "chain": chain,
     "payload": payload,
+    "open-loop": openloop,
 }
 
 

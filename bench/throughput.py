@@ -118,6 +118,10 @@ def table(runs: list[FleetRun]) -> str:
         p99 = spread([r.latency.p99 for r in run.repetitions])
         user = spread([r.cpu.user_pct for r in run.repetitions])
         system = spread([r.cpu.system_pct for r in run.repetitions])
+        # CPU the workers, zygotes and steps used per execution: less noisy than the rate
+        # on a shared machine, and what bounds the rate (2 cores: 2000 ms of CPU per second).
+        cost_user = spread([r.cpu.workers_user_s * 1000 / r.latency.n for r in run.repetitions])
+        cost_sys = spread([r.cpu.workers_system_s * 1000 / r.latency.n for r in run.repetitions])
         rows.append(
             [
                 str(run.workers),
@@ -126,6 +130,7 @@ def table(runs: list[FleetRun]) -> str:
                 report.ms(p50.median),
                 report.ms(p99.median),
                 f"{user.median:.0f} / {system.median:.0f}",
+                f"{cost_user.median:.1f} / {cost_sys.median:.1f}",
                 f"{_mib(run.memory_warm)} -> {_mib(run.repetitions[-1].memory_after)}",
             ]
         )
@@ -135,7 +140,8 @@ def table(runs: list[FleetRun]) -> str:
         "range",
         "latency p50 ms",
         "p99 ms",
-        "CPU user / sys %",
+        "machine CPU user / sys %",
+        "worker CPU ms per execution, user / sys",
         "worker RSS MiB (warm -> end)",
     ]
     return report.markdown_table(headers, rows)

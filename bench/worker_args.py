@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 from collections.abc import Coroutine
 from typing import Any
 
@@ -49,5 +50,15 @@ def run_loop(coroutine: Coroutine[Any, Any, Any], loop: str) -> Any:
     if loop == "uvloop":
         import uvloop
 
-        return uvloop.run(coroutine)
-    return asyncio.run(coroutine)
+        return uvloop.run(_stoppable(coroutine))
+    return asyncio.run(_stoppable(coroutine))
+
+
+async def _stoppable(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """SIGINT or SIGTERM cancel the run, so its fleet still stops its workers and deletes its
+    keys on the way out (a busy uvloop did not act on SIGINT otherwise)."""
+    task = asyncio.ensure_future(coroutine)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    return await task
