@@ -114,14 +114,6 @@ def _settings_from(args: argparse.Namespace, environ: dict[str, str]) -> Setting
     return settings_module.load(environ, overrides)
 
 
-def _sandbox_options(settings: Settings) -> SandboxOptions:
-    return SandboxOptions(
-        uid_base=settings.sandbox_uid_base,
-        slots=settings.sandbox_slots,
-        node_path=settings.node_path,
-    )
-
-
 # --- run-step ----------------------------------------------------------------------------------
 
 
@@ -175,7 +167,7 @@ def outcome_json(outcome: StepOutcome) -> dict[str, Any]:
 async def _run_step(settings: Settings, step: StepSpec) -> StepOutcome:
     if step.runtime == "node" and not settings.node_path:
         return StepOutcome(ok=False, error=StepError("sandbox", "node was not found on PATH"))
-    spawner = await Spawner.start(_sandbox_options(settings), pool_size=0)
+    spawner = await Spawner.start(SandboxOptions.from_settings(settings), pool_size=0)
     try:
         refusal = check_required_layers(settings, spawner.capabilities)
         if refusal is not None:
@@ -210,7 +202,7 @@ def cmd_run_step(args: argparse.Namespace, exec_argv: list[str], settings: Setti
 
 
 async def _probe(settings: Settings) -> Capabilities:
-    spawner = await Spawner.start(_sandbox_options(settings), pool_size=0)
+    spawner = await Spawner.start(SandboxOptions.from_settings(settings), pool_size=0)
     await spawner.close()
     return spawner.capabilities
 

@@ -17,40 +17,13 @@ import msgspec
 from runnerd import log
 from runnerd.cli import EXIT_FAILED, EXIT_OK, check_required_layers, outcome_json, read_json_input
 from runnerd.client import Client, Result
-from runnerd.daemon import Worker, WorkerConfig
+from runnerd.daemon import Worker
 from runnerd.embedded import EmbeddedRedis
 from runnerd.errors import SandboxUnavailable
 from runnerd.messages import Integration
 from runnerd.settings import Settings
-from runnerd.spawner import SandboxOptions
 
 DEMO = Path(__file__).resolve().parent / "demo" / "integration.json"
-
-
-def worker_config(settings: Settings, redis_url: str | None = None) -> WorkerConfig:
-    return WorkerConfig(
-        redis_url=redis_url or settings.redis_url,
-        concurrency=settings.concurrency,
-        partitions=settings.partitions,
-        key_prefix=settings.key_prefix,
-        result_ttl_s=settings.result_ttl_s,
-        claim_idle_s=settings.claim_idle_s,
-        max_deliveries=settings.max_deliveries,
-        drain_s=settings.drain_s,
-        retry_base_s=settings.retry_base_s,
-        retry_max_s=settings.retry_max_s,
-        pool_size=settings.pool_size,
-        required_layers=settings.sandbox_require,
-        http_host=settings.http_host,
-        http_port=settings.http_port,
-        emf_interval_s=settings.emf_interval_s,
-        service_name=settings.service_name,
-        sandbox=SandboxOptions(
-            uid_base=settings.sandbox_uid_base,
-            slots=settings.sandbox_slots,
-            node_path=settings.node_path,
-        ),
-    )
 
 
 @contextlib.asynccontextmanager
@@ -63,7 +36,7 @@ async def redis_url_for(settings: Settings, embedded: bool) -> AsyncIterator[str
 
 
 async def start_worker(settings: Settings, redis_url: str) -> Worker:
-    worker = await Worker.start(worker_config(settings, redis_url))
+    worker = await Worker.start(msgspec.structs.replace(settings, redis_url=redis_url))
     refusal = check_required_layers(settings, worker.spawner.capabilities)
     if refusal is not None:
         await worker.close()

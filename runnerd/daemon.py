@@ -25,7 +25,6 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 from aiohttp import web
@@ -37,6 +36,7 @@ from runnerd.errors import RunnerdError
 from runnerd.executor import Executor, RetryPolicy
 from runnerd.keys import Keys
 from runnerd.metrics import Metrics
+from runnerd.settings import Settings
 from runnerd.spawner import SandboxOptions, Spawner
 from runnerd.store import Entry, RedisClient, Store
 
@@ -46,29 +46,8 @@ READ_BLOCK_MS = 1000
 BACKOFF_MAX_S = 5.0
 GAUGE_INTERVAL_S = 5.0
 CANCEL_WAIT_S = 5.0  # after the hand-back: how long cancelled executions may take to unwind
+DEAD_LETTER_MAX_LEN = 100_000  # the dead-letter stream is trimmed (approximately) to this
 CONSUMER_ACTIVE_MS = 15_000  # a consumer that read within this long counts as a live worker
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    redis_url: str
-    concurrency: int = 8
-    partitions: int = 1
-    key_prefix: str = "runnerd"
-    result_ttl_s: float = 86400.0
-    claim_idle_s: float = 30.0
-    max_deliveries: int = 5
-    drain_s: float = 25.0
-    retry_base_s: float = 1.0
-    retry_max_s: float = 60.0
-    dead_letter_max_len: int = 100_000
-    pool_size: int = 2
-    sandbox: SandboxOptions = SandboxOptions()
-    required_layers: tuple[str, ...] = ()
-    http_host: str = "0.0.0.0"
-    http_port: int = 0  # 0: no HTTP server
-    emf_interval_s: float = 0.0  # 0: no EMF lines
-    service_name: str = "runnerd-worker"
 
 
 class Capacity:
@@ -100,7 +79,7 @@ class Capacity:
 
 class Worker:
     def __init__(
-        self, config: WorkerConfig, redis: RedisClient, spawner: Spawner, metrics: Metrics
+        self, config: Settings, redis: RedisClient, spawner: Spawner, metrics: Metrics
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -116,7 +95,7 @@ class Worker:
             self.worker_id,
             RetryPolicy(config.retry_base_s, config.retry_max_s),
             config.max_deliveries,
-            config.dead_letter_max_len,
+            DEAD_LETTER_MAX_LEN,
             metrics,
         )
         self.capacity = Capacity(config.concurrency)
@@ -126,15 +105,17 @@ class Worker:
         capabilities = spawner.capabilities
         for layer, status in capabilities.layers.items():
             metrics.layers.labels(layer).set(1 if status.ok else 0)
-        self.missing_layers = capabilities.missing(list(config.required_layers))
+        self.missing_layers = capabilities.missing(list(config.sandbox_require))
         metrics.set_in_flight(0, config.concurrency)
 
     @classmethod
-    async def start(cls, config: WorkerConfig) -> Worker:
+    async def start(cls, config: Settings) -> Worker:
         metrics = Metrics()
         redis = await open_redis(config.redis_url)
         try:
-            spawner = await Spawner.start(config.sandbox, config.pool_size, metrics)
+            spawner = await Spawner.start(
+                SandboxOptions.from_settings(config), config.pool_size, metrics
+            )
         except BaseException:
             await redis.aclose()
             raise

@@ -35,6 +35,7 @@ from runnerd.memwatch import MemoryWatch
 from runnerd.messages import StepOutcome
 from runnerd.metrics import Metrics
 from runnerd.pool import WarmPool
+from runnerd.settings import Settings
 from sandbox import protocol
 from sandbox.errors import ProtocolError
 from sandbox.protocol import (
@@ -75,6 +76,10 @@ class SandboxOptions:
     node_path: str = ""
     python: str = sys.executable
     start_timeout_s: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SandboxOptions:
+        return cls(settings.sandbox_uid_base, settings.sandbox_slots, settings.node_path)
 
 
 @dataclass(frozen=True)

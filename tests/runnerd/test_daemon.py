@@ -13,9 +13,10 @@ import redis
 import uvloop
 
 from runnerd.client import Client
-from runnerd.daemon import Worker, WorkerConfig
+from runnerd.daemon import Worker
 from runnerd.keys import GROUP, Keys
 from runnerd.messages import Integration
+from runnerd.settings import Settings
 from tests.runnerd.conftest import (
     SHARED_REDIS_URL,
     RedisServer,
@@ -189,7 +190,7 @@ def test_loops_stop_on_sigterm_even_when_a_cancel_is_lost(prefix: str) -> None:
     busy with Redis loses nearly every cancel. The worker's loops must stop all the same."""
 
     async def scenario() -> None:
-        config = WorkerConfig(redis_url=SHARED_REDIS_URL, key_prefix=prefix, pool_size=0)
+        config = Settings(redis_url=SHARED_REDIS_URL, key_prefix=prefix, pool_size=0, http_port=0)
         worker = await Worker.start(config)
         verdict_given = False
 
