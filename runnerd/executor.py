@@ -132,7 +132,7 @@ class Executor:
             reports.append(_report(step, outcome))
             error_type = outcome.error.type if outcome.error else None
             self.metrics.step_finished(step.runtime, error_type, outcome.duration_s)
-            log.info(
+            log.debug(
                 "step %s %s in %.1f ms",
                 step.name,
                 error_type or "ok",

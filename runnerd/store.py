@@ -108,15 +108,17 @@ class Store:
 
     # --- set-up and reading ----------------------------------------------------------------
 
-    async def ensure_groups(self) -> None:
+    async def ensure_groups(self, consumer: str) -> None:
+        """Create each partition's stream and group if missing, and join it as `consumer`
+        (Redis lists a consumer only once it exists, not while its first read blocks)."""
         for partition in range(self.keys.partitions):
+            stream = self.keys.work(partition)
             try:
-                await self.redis.xgroup_create(
-                    self.keys.work(partition), GROUP, id="0", mkstream=True
-                )
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+            await self.redis.xgroup_createconsumer(stream, GROUP, consumer)
 
     async def durability_warnings(self) -> list[str]:
         """What in the server's configuration would break the delivery guarantees. Managed

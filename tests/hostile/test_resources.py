@@ -148,7 +148,7 @@ import os
 
 def run(input, ctx):
     chunk = b"A" * (1024 * 1024)
-    for _ in range(2048):
+    for _ in range(1024):
         os.write(1, chunk)
     return "flooded"
 """
@@ -280,12 +280,13 @@ def test_disk_past_the_temp_dir_limit(
 def test_stdout_flood(profile: str, tmp_path: Path, witnesses: Witnesses) -> None:
     step = tmp_path / "flood.py"
     step.write_text(STDOUT_FLOOD)
-    measured = run_step_measured(profile, step)
+    # A busy machine drains a gigabyte slowly: the wall clock is not what is tested here.
+    measured = run_step_measured(profile, step, "--wall-s", "150", timeout_s=180)
 
     result = measured.run
     assert result.exit_code == 0, result.report
     assert result.output == "flooded"
-    # 2 GiB printed; the report keeps the last 64 KiB and says it cut the rest.
+    # 1 GiB printed; the report keeps the last 64 KiB and says it cut the rest.
     assert result.report["stdout_truncated"] is True
     assert len(result.report["stdout"]) == STDIO_TAIL_BYTES
     assert 0 < measured.caller_peak_rss_mb < CALLER_RSS_MAX_MB, measured.caller_peak_rss_mb

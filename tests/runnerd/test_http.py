@@ -249,15 +249,19 @@ def test_emf_line_matches_the_spec_and_the_autoscaling_policy(
 
 
 def test_logs_are_json_lines_with_the_worker_id(serve: ServeFactory, prefix: str) -> None:
-    daemon = serve()
+    daemon = serve(log_level="debug")
     run_one(ECHO, 1, prefix)
+    # The worker logs the execution's end just after writing its result.
+    wait_for(lambda: "execution succeeded" in daemon.log(), 10, "the execution's log line")
     lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
     assert lines and all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
     assert any(line.get("worker_id") == daemon.worker_id for line in lines)
     # The shared test Redis keeps nothing on disk: the worker says what that risks.
     assert any("persistence is off" in line["msg"] for line in lines if line["level"] == "warning")
-    steps = [line for line in lines if line.get("step") == "echo"]
-    assert steps and steps[0]["execution_id"] and steps[0]["level"] == "info", lines
+    finished = [line for line in lines if line["msg"].startswith("execution succeeded")]
+    assert finished and finished[0]["execution_id"] and finished[0]["level"] == "info", lines
+    steps = [line for line in lines if line.get("step") == "echo"]  # debug: one per step
+    assert steps and steps[0]["execution_id"] == finished[0]["execution_id"]
 
 
 def _dockerfile_instruction(name: str) -> list[str]:

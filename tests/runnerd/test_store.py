@@ -32,7 +32,7 @@ async def race(prefix: str, duplicate_entry: bool) -> None:
         first = Store(await open_redis(SHARED_REDIS_URL), keys, result_ttl_s=60)
         second = Store(await open_redis(SHARED_REDIS_URL), keys, result_ttl_s=60)
         try:
-            await first.ensure_groups()
+            await first.ensure_groups("worker-a")
             (taken,) = await first.read_new(0, "worker-a", 1, None)
             if duplicate_entry:
                 # A give-back put the execution on the stream again while A still ran it.
