@@ -343,12 +343,17 @@ class Worker:
                 failures = 0
             except RedisError as exc:
                 failures += 1
-                await self._back_off(action.__name__.strip("_"), exc, failures)
+                # Never wait longer than the loop's own interval: a heartbeat backing off past
+                # claim_idle_s after a Redis hiccup lets live workers' entries be taken over.
+                what = action.__name__.strip("_")
+                await self._back_off(what, exc, failures, min(BACKOFF_MAX_S, interval_s))
             await asyncio.sleep(interval_s)
 
-    async def _back_off(self, what: str, exc: Exception, failures: int) -> None:
+    async def _back_off(
+        self, what: str, exc: Exception, failures: int, most_s: float = BACKOFF_MAX_S
+    ) -> None:
         self.metrics.redis_errors.labels(what).inc()
-        delay = min(BACKOFF_MAX_S, 0.1 * 2 ** min(failures, 6))
+        delay = min(most_s, 0.1 * 2 ** min(failures, 6))
         self.log.warning("redis error in %s (%s); retrying in %.1f s", what, exc, delay)
         await asyncio.sleep(delay)
 
