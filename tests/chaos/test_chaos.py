@@ -175,12 +175,13 @@ KINDS = [
         error_types=frozenset({"protocol"}),
         failed_step="garbage",
     ),
-    # The CPU limit, or on a host busy enough that 2 CPU seconds take longer than 15 s of wall
-    # clock, the wall clock: either way a limit ended the step alone.
+    # The CPU limit, or on a host busy enough that 2 CPU seconds take longer than 5 s of wall
+    # clock, the wall clock: either way a limit ended the step alone. A short wall limit also
+    # keeps the step from outliving several worker kills in a row (each a delivery).
     Kind(
         "cpu_spin",
         5,
-        [counting("c1"), inline("spin", CPU_SPIN, cpu_s=1, wall_s=15)],
+        [counting("c1"), inline("spin", CPU_SPIN, cpu_s=1, wall_s=5)],
         status="failed",
         error_types=frozenset({"cpu", "timeout"}),
         failed_step="spin",
@@ -335,11 +336,24 @@ class Chaos:
 # --- the checks --------------------------------------------------------------------------------
 
 
+def evidence(fleet: Fleet, execution_id: str) -> list[str]:
+    """Every worker's log lines about one execution: printed when it ended wrongly, since the
+    logs do not outlive the test's temporary directory."""
+    return [
+        f"{member.daemon.worker_id} ({member.fate}): {record['msg']}"
+        for member in fleet.members
+        for record in log_records(member)
+        if record.get("execution_id") == execution_id
+    ]
+
+
 def check_outcomes(chaos: Chaos, results: dict[str, Result]) -> Counter[str]:
     outcomes: Counter[str] = Counter()
     for execution_id, kind in chaos.kinds.items():
         result = results[execution_id]
-        where = (kind.name, execution_id, result.status, result.error, result.failed_step)
+        where: Any = (kind.name, execution_id, result.status, result.error, result.failed_step)
+        if result.status != kind.status:
+            where = (where, evidence(chaos.fleet, execution_id), chaos.timeline)
         assert result.status == kind.status, where
         assert result.attempts == kind.attempts, (where, result.attempts)
         if kind.status == "succeeded":
