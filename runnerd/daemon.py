@@ -308,6 +308,9 @@ class Worker:
                     "reclaimed entry %s (delivery %d)", entry.entry_id.decode(), entry.deliveries
                 )
                 self._start(entry)
+            # A consumer silent this long with nothing pending is a dead worker's leftover.
+            idle_ms = max(int(self.config.claim_idle_s * 1000) * 10, CONSUMER_ACTIVE_MS * 4)
+            await self.store.forget_dead_consumers(partition, idle_ms)
 
     async def _promote(self) -> None:
         for partition in range(self.config.partitions):

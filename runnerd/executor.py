@@ -163,6 +163,9 @@ class Executor:
                 # this step after a crash, which at-least-once delivery allows anyway.
                 saved = Checkpoint(index + 1, attempt, payload_raw, reports)
                 pending_save = asyncio.create_task(self.store.save_checkpoint(execution_id, saved))
+                # If the next step raises or is cancelled, nobody awaits this save: its own
+                # failure must not surface later as "Task exception was never retrieved".
+                pending_save.add_done_callback(_retrieve)
         result = self._result(execution, "succeeded", payload_raw, reports, attempt, started)
         await self.store.complete(entry, result)
         return "succeeded"
@@ -240,6 +243,11 @@ class Executor:
             if len(self._integrations) < 1024:
                 self._integrations[digest] = cached
         return cached
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _spec(step: StepDefinition, payload: bytes, execution_id: str, attempt: int) -> StepSpec:

@@ -190,6 +190,19 @@ class Store:
         consumers: Any = await self.redis.xinfo_consumers(self.keys.work(partition), GROUP)
         return {_text(c["name"]) for c in consumers if int(c.get("idle", 0)) <= idle_max_ms}
 
+    async def forget_dead_consumers(self, partition: int, idle_min_ms: int) -> int:
+        """Remove consumers silent for `idle_min_ms` that hold nothing (workers that died and
+        whose entries were reclaimed): otherwise the group's list grows with every crash."""
+        consumers: Any = await self.redis.xinfo_consumers(self.keys.work(partition), GROUP)
+        gone = [
+            _text(c["name"])
+            for c in consumers
+            if int(c.get("pending", 0)) == 0 and int(c.get("idle", 0)) >= idle_min_ms
+        ]
+        for name in gone:
+            await self.delete_consumer(partition, name)
+        return len(gone)
+
     async def delete_consumer(self, partition: int, consumer: str) -> None:
         await self.redis.xgroup_delconsumer(self.keys.work(partition), GROUP, consumer)
 

@@ -72,3 +72,23 @@ def test_two_workers_completing_a_reclaimed_entry_leave_one_result(prefix: str) 
 
 def test_two_workers_completing_duplicate_entries_leave_one_result(prefix: str) -> None:
     run_async(race(prefix, duplicate_entry=True))
+
+
+def test_dead_consumers_are_forgotten_but_not_those_holding_entries(prefix: str) -> None:
+    async def scenario() -> list[str]:
+        keys = Keys(prefix, 1)
+        async with Client.connect(SHARED_REDIS_URL, prefix) as client:
+            await client.submit(INTEGRATION, {"n": 1})
+        store = Store(await open_redis(SHARED_REDIS_URL), keys, result_ttl_s=60)
+        try:
+            await store.ensure_groups("ghost")  # a worker that died holding nothing
+            await store.ensure_groups("holder")
+            (entry,) = await store.read_new(0, "holder", 1, None)  # dies holding an entry
+            await asyncio.sleep(0.05)
+            assert await store.forget_dead_consumers(0, idle_min_ms=10) == 1
+            consumers = await store.redis.xinfo_consumers(keys.work(0), "runnerd")
+            return [c["name"].decode() for c in consumers]
+        finally:
+            await store.redis.aclose()
+
+    assert run_async(scenario()) == ["holder"]  # its entry waits to be reclaimed
