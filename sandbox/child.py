@@ -57,7 +57,10 @@ def _prepare_process() -> None:
     # zygote's own signal dispositions (its SIGCHLD handler, wakeup fd) are not the step's.
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
+    # SIGPIPE stays ignored, as CPython sets it: a write to a program that stopped reading
+    # (an exec step that exits without reading its input) must raise, not kill the runtime.
+    # Programs the child starts get the default back (subprocess restores it).
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
     os.setsid()
 

@@ -127,6 +127,19 @@ def test_exec_step_failing_program(profile) -> None:
     assert "oops" in done.stdout  # its stderr is in the report
 
 
+def test_exec_program_that_does_not_read_its_input(profile, tmp_path) -> None:
+    """Writing 1 MB to a program that exits unread must fail as that program's exit, not kill
+    the runtime with SIGPIPE."""
+    data = tmp_path / "big.json"
+    data.write_text('"' + "x" * 1_000_000 + '"')
+    argv = runnerd_argv(
+        profile, "run-step", "--exec", "--input", f"@{data}", "--", "/bin/sh", "-c", "exit 3"
+    )
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=runnerd_env())
+    assert done.returncode == 1
+    assert "exited with status 3" in done.stdout, done.stdout
+
+
 def _runnerd(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "runnerd", *args],
