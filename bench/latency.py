@@ -54,7 +54,12 @@ async def measure(cases: list[Case], args: argparse.Namespace) -> Outcome:
                         fleet.client, case.integration, case.warmup, case.make_input, case.check
                     )
                 run = await sequential(
-                    fleet.client, case.integration, case.count, case.make_input, case.check
+                    fleet.client,
+                    case.integration,
+                    case.count,
+                    case.make_input,
+                    case.check,
+                    label=case.key,
                 )
                 layers |= run.layers
                 summary = summarize(run.latencies_ms)

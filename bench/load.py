@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.progress import Progress
 from runnerd.client import Client, Result
 from runnerd.messages import Integration
 
@@ -41,30 +43,43 @@ async def closed_loop(
     clients: int,
     make_input: MakeInput,
     check: Check,
+    max_seconds: float = math.inf,
+    label: str = "executions",
 ) -> Run:
     """`clients` callers, each submitting its next execution as soon as its last result is in,
-    until `count` executions are done; elapsed is first submit to last result."""
+    until `count` executions are done or `max_seconds` have passed (then no caller starts
+    another); elapsed is first submit to last result."""
     numbers = itertools.count()
     run = Run(0.0, [])
+    progress = Progress(label, count)
+    deadline = time.perf_counter() + max_seconds
 
     async def caller() -> None:
-        while (n := next(numbers)) < count:
+        while (n := next(numbers)) < count and time.perf_counter() < deadline:
             started = time.perf_counter()
             result = await client.run(integration, make_input(n), RESULT_TIMEOUT_S)
             run.latencies_ms.append((time.perf_counter() - started) * 1000)
             run.layers.update(check(n, result))
+            progress.advance()
 
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(clients)))
     run.elapsed_s = time.perf_counter() - started
+    progress.close()
     return run
 
 
 async def sequential(
-    client: Client, integration: Integration, count: int, make_input: MakeInput, check: Check
+    client: Client,
+    integration: Integration,
+    count: int,
+    make_input: MakeInput,
+    check: Check,
+    max_seconds: float = math.inf,
+    label: str = "executions",
 ) -> Run:
     """One execution at a time: submit, result in hand, next."""
-    return await closed_loop(client, integration, count, 1, make_input, check)
+    return await closed_loop(client, integration, count, 1, make_input, check, max_seconds, label)
 
 
 async def open_loop(
@@ -83,11 +98,13 @@ async def open_loop(
     """
     count = max(1, round(rate_per_s * duration_s))
     run = Run(0.0, [])
+    progress = Progress(f"offered {rate_per_s:g}/s", count)
 
     async def one(n: int, intended: float) -> None:
         result = await client.run(integration, make_input(n), RESULT_TIMEOUT_S)
         run.latencies_ms.append((time.perf_counter() - intended) * 1000)
         run.layers.update(check(n, result))
+        progress.advance()
 
     tasks = []
     origin = time.perf_counter()
@@ -99,4 +116,5 @@ async def open_loop(
         tasks.append(asyncio.create_task(one(n, intended)))
     await asyncio.gather(*tasks)
     run.elapsed_s = time.perf_counter() - origin
+    progress.close()
     return run

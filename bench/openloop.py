@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1000.0,
         help="stop stepping up after a rate whose p99 exceeds this (default 1000)",
     )
+    parser.add_argument("--png", metavar="PATH", help="also draw latency vs offered rate as a PNG")
     parser.set_defaults(repeat=3, warmup=100)
 
 
@@ -133,4 +134,8 @@ def run(args: argparse.Namespace, command: str) -> int:
                 "layers": layers,
             },
         )
+    if args.png:
+        from bench import chart
+
+        chart.open_loop(args.png, levels, info)
     return 0

@@ -68,6 +68,7 @@ async def measure_fleet(workers: int, args: argparse.Namespace) -> FleetRun:
                 args.clients,
                 integrations.trivial_input,
                 integrations.check_trivial,
+                label=f"{workers} worker(s)",
             )
 
         if args.warmup:
