@@ -168,8 +168,9 @@ def measure_peer(name: str, args: argparse.Namespace, runs: SystemRuns) -> Measu
     )
 
 
-async def measure_all(args: argparse.Namespace) -> tuple[list[SystemRuns], list[str]]:
-    names = parse_systems(args.systems)
+async def measure_all(
+    args: argparse.Namespace, names: list[str]
+) -> tuple[list[SystemRuns], list[str]]:
     for system in sorted({peers.PEERS[n].system for n in names if n != RUNNERD}):
         peers.ensure_venv(system, args.peer_venvs)  # before any timing
     runs = {name: new_runs(name) for name in names}
@@ -271,8 +272,9 @@ def run(args: argparse.Namespace, command: str) -> int:
         raise SystemExit(
             "--chain-steps and --peer-processes must be at least 1, --max-seconds above 0"
         )
+    names = parse_systems(args.systems)
     try:
-        all_runs, layers = run_loop(measure_all(args), args.loop)
+        all_runs, layers = run_loop(measure_all(args, names), args.loop)
     except peers.PeerFailed as failed:
         print(f"bench compare: {failed}", file=sys.stderr)
         return 1

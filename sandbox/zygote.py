@@ -15,6 +15,7 @@ import argparse
 import asyncio  # noqa: F401 - imported so that every child starts with it loaded
 import contextlib
 import dataclasses
+import gc
 import json  # noqa: F401 - the same, for exec steps
 import os
 import select
@@ -49,7 +50,6 @@ class ZygoteConfig:
 class ChildRecord:
     slot: int
     uid: int
-    hits_before: dict[str, int]  # controller -> limit hits when the child started
     tmpdir: str | None  # a per-slot directory to remove after exit, when no tmpfs is mounted
 
 
@@ -63,6 +63,9 @@ class Zygote:
         # finish tearing down its previous child's namespaces and cgroup charges.
         self.free_slots = deque(range(config.slots))
         self.slot_limits: dict[tuple[str, int], int] = {}  # (controller, slot) -> limit set
+        # (controller, slot) -> limit hits counted so far. One child at a time uses a slot, so
+        # the count at its start is the count at its predecessor's reap: read once per exit.
+        self.slot_hits: dict[tuple[str, int], int] = {}
         self.children: dict[int, ChildRecord] = {}
         self.stopping = False
         self.network = namespaces.StepNetwork() if "netns" in self.available else None
@@ -148,7 +151,7 @@ class Zygote:
             child.main(plan, go_read)
         _close_all([*fds, go_read])
         tmpdir = None if "mountns" in plan.layers else plan.tmpdir
-        self.children[pid] = ChildRecord(slot, uid, self.limit_hits(slot), tmpdir)
+        self.children[pid] = ChildRecord(slot, uid, tmpdir)
         try:
             self.set_up_from_parent(pid, plan)
             os.write(go_write, child.GO)
@@ -201,6 +204,9 @@ class Zygote:
             if self.slot_limits.get((controller.name, record.slot)) != limit:
                 cgroups.prepare_slot(controller, record.slot, limit)  # writing it costs a reclaim
                 self.slot_limits[controller.name, record.slot] = limit
+                self.slot_hits[controller.name, record.slot] = cgroups.limit_hits(
+                    controller, record.slot
+                )
             cgroups.attach(controller, record.slot, pid)
 
     def kill(self, message: Kill) -> None:
@@ -218,10 +224,11 @@ class Zygote:
             record = self.children.get(pid)
             if record is None:
                 continue
-            hits = self.limit_hits(record.slot)
-            oom_killed = hits.get("memory", 0) > record.hits_before.get("memory", 0)
-            pids_limited = hits.get("pids", 0) > record.hits_before.get("pids", 0)
+            # After release: its sweep of the slot's leftovers (no pid namespace) is done, so
+            # what they hit counts for this child, never for the slot's next one.
             self.release(pid)
+            oom_killed = self.new_limit_hits("memory", record.slot)
+            pids_limited = self.new_limit_hits("pids", record.slot)
             cpu_s = usage.ru_utime + usage.ru_stime
             self.send(Exited(pid, status, cpu_s, usage.ru_maxrss, oom_killed, pids_limited))
 
@@ -238,8 +245,14 @@ class Zygote:
             shutil.rmtree(record.tmpdir, ignore_errors=True)
         self.free_slots.append(record.slot)
 
-    def limit_hits(self, slot: int) -> dict[str, int]:
-        return {c.name: cgroups.limit_hits(c, slot) for c in self.probed.controllers}
+    def new_limit_hits(self, name: str, slot: int) -> bool:
+        """Did the slot's cgroup for controller `name` hit its limit since the last look?"""
+        controller = next((c for c in self.probed.controllers if c.name == name), None)
+        if controller is None or (name, slot) not in self.slot_hits:
+            return False
+        hits = cgroups.limit_hits(controller, slot)
+        before, self.slot_hits[name, slot] = self.slot_hits[name, slot], hits
+        return hits > before
 
 
 def _cgroup_limit(controller: str, limits: Limits) -> int:
@@ -336,6 +349,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
     probed = probe(config.uid_base + config.slots, os.getpid())
     zygote = Zygote(control, config, probed)
     signal.signal(signal.SIGTERM, lambda *_: zygote.request_stop())
+    # Everything loaded so far lives as long as the zygote: out of the collector's sight, a
+    # collection in the zygote or in a child never walks it, which would copy every page.
+    gc.collect()
+    gc.freeze()
     zygote.run(wakeup_read)
     sys.stdout.flush()
     os._exit(0)

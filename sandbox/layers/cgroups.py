@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 
 from sandbox.errors import LayerError
+from sandbox.layers.userns import write_file
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 MB = 1024 * 1024
@@ -83,20 +84,25 @@ def prepare_slot(controller: Controller, slot: int, limit: int) -> None:
 
 
 def attach(controller: Controller, slot: int, pid: int) -> None:
-    with open(os.path.join(controller.slot_dir(slot), "cgroup.procs"), "w") as f:
-        f.write(str(pid))
+    write_file(os.path.join(controller.slot_dir(slot), "cgroup.procs"), str(pid).encode())
 
 
 def limit_hits(controller: Controller, slot: int) -> int:
     """How often this slot's cgroup hit its limit: OOM kills (memory), refused forks (pids)."""
     try:
-        with open(os.path.join(controller.slot_dir(slot), controller.events_file)) as f:
-            for line in f:
-                key, _, value = line.partition(" ")
-                if key == controller.event:
-                    return int(value)
+        fd = os.open(os.path.join(controller.slot_dir(slot), controller.events_file), os.O_RDONLY)
     except OSError:
-        pass
+        return 0
+    try:
+        text = os.read(fd, 4096)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+    for line in text.splitlines():
+        key, _, value = line.partition(b" ")
+        if key == controller.event.encode():
+            return int(value)
     return 0
 
 

@@ -17,12 +17,20 @@ import os
 
 def write_id_maps(pid: int, outside_id: int) -> None:
     """Parent half: map uid/gid 0 inside to `outside_id` outside. setgroups must be denied first."""
-    with open(f"/proc/{pid}/uid_map", "w") as f:
-        f.write(f"0 {outside_id} 1\n")
-    with open(f"/proc/{pid}/setgroups", "w") as f:
-        f.write("deny")
-    with open(f"/proc/{pid}/gid_map", "w") as f:
-        f.write(f"0 {outside_id} 1\n")
+    mapping = f"0 {outside_id} 1\n".encode()
+    write_file(f"/proc/{pid}/uid_map", mapping)
+    write_file(f"/proc/{pid}/setgroups", b"deny")
+    write_file(f"/proc/{pid}/gid_map", mapping)
+
+
+def write_file(path: str, data: bytes) -> None:
+    """One write(2), without Python's buffered text layer: the zygote does this for every
+    child, and the kernel takes a map or a pid only whole, in a single write."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def become_namespace_root() -> None:
