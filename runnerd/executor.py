@@ -126,9 +126,7 @@ class Executor:
         pending_save: asyncio.Task[None] | None = None
         for index in range(checkpoint.next_step, len(integration.steps)):
             step = integration.steps[index]
-            outcome = await self.spawner.run_step(
-                _spec(step, bytes(payload_raw), execution_id, attempt)
-            )
+            outcome = await self.spawner.run_step(_spec(step, payload_raw, execution_id, attempt))
             reports.append(_report(step, outcome))
             error_type = outcome.error.type if outcome.error else None
             self.metrics.step_finished(step.runtime, error_type, outcome.duration_s)
@@ -250,7 +248,7 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-def _spec(step: StepDefinition, payload: bytes, execution_id: str, attempt: int) -> StepSpec:
+def _spec(step: StepDefinition, payload: msgspec.Raw, execution_id: str, attempt: int) -> StepSpec:
     return StepSpec(
         runtime=step.runtime,
         filename=step.filename,

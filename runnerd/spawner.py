@@ -89,7 +89,7 @@ class StepSpec:
     runtime: Runtime
     filename: str
     source: str = ""
-    input: bytes = b"\xc0"  # msgpack nil
+    input: bytes | msgspec.Raw = b"\xc0"  # one msgpack value (nil by default)
     limits: Limits = Limits()
     argv: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
@@ -334,8 +334,7 @@ class Child:
         self.layers: list[str] = []
         self.stdout = TailBuffer(limits.stdio_kb * 1024)
         self.stderr = TailBuffer(limits.stdio_kb * 1024)
-        self.reader: asyncio.StreamReader
-        self.writer: asyncio.StreamWriter
+        self.channel: socket.socket  # non-blocking; read and written with the loop's sock_*
         self.drains: list[asyncio.Task[None]] = []
 
     @classmethod
@@ -353,14 +352,28 @@ class Child:
             asyncio.create_task(_drain(stdout, child.stdout)),
             asyncio.create_task(_drain(stderr, child.stderr)),
         ]
-        limit = limits.output_mb * MB + RESULT_OVERHEAD
-        child.reader, child.writer = await asyncio.open_unix_connection(sock=channel, limit=limit)
+        channel.setblocking(False)
+        child.channel = channel
         return child
 
     async def read_frame(self, max_len: int) -> protocol.FromChild:
-        header = await self.reader.readexactly(protocol.FRAME_HEADER.size)
-        payload = await self.reader.readexactly(protocol.frame_length(header, max_len))
+        header = await self._recv_exactly(protocol.FRAME_HEADER.size)
+        payload = await self._recv_exactly(protocol.frame_length(header, max_len))
         return protocol.decode_from_child(payload)
+
+    async def _recv_exactly(self, size: int) -> bytearray:
+        """The socket straight into a buffer of the frame's size: a result of many MB is
+        copied once on this side, where a stream reader copies it into its buffer and out."""
+        loop = asyncio.get_running_loop()
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        got = 0
+        while got < size:
+            n = await loop.sock_recv_into(self.channel, view[got:])
+            if n == 0:
+                raise asyncio.IncompleteReadError(b"", size)
+            got += n
+        return buffer
 
     async def wait_ready(self, timeout_s: float) -> StepResult | None:
         """None once the child is confined and waiting; else the sandbox failure it reported."""
@@ -392,8 +405,7 @@ class Child:
             watch.add(self.pid, self.uid, self.limits.memory_mb * MB)
         try:
             async with asyncio.timeout(self.limits.wall_s):
-                self.writer.write(protocol.encode_frame(request))
-                await self.writer.drain()
+                await loop.sock_sendall(self.channel, protocol.encode_frame(request))
                 message = await self.read_frame(self.limits.output_mb * MB + RESULT_OVERHEAD)
                 # Only the first frame may be the code cache: it is sent before the step runs.
                 if request.want_code_cache and isinstance(message, Compiled):
@@ -496,9 +508,7 @@ class Child:
         return "heap out of memory" in tail or "Fatal process out of memory" in tail
 
     async def _close_channel(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(OSError, ConnectionError):
-            await self.writer.wait_closed()
+        self.channel.close()
 
     async def discard(self) -> None:
         """Kill an unused child and release what it holds."""
@@ -545,7 +555,7 @@ class Spawner:
         request = StepRequest(
             filename=step.filename,
             source=step.source,
-            input=msgspec.Raw(step.input),
+            input=step.input if isinstance(step.input, msgspec.Raw) else msgspec.Raw(step.input),
             context=step.context,
             env=step.env,
             argv=list(step.argv),
