@@ -92,7 +92,8 @@ class SystemRuns:
 
 
 def parse_systems(text: str) -> list[str]:
-    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    # In the order given, each once.
+    chosen = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     unknown = [name for name in chosen if name not in SYSTEMS]
     if unknown or not chosen:
         raise SystemExit(
@@ -268,9 +269,10 @@ def versions(all_runs: list[SystemRuns]) -> str:
 
 
 def run(args: argparse.Namespace, command: str) -> int:
-    if args.chain_steps < 1 or args.max_seconds <= 0 or args.peer_processes < 1:
+    if min(args.chain_steps, args.peer_processes, args.clients) < 1 or args.max_seconds <= 0:
         raise SystemExit(
-            "--chain-steps and --peer-processes must be at least 1, --max-seconds above 0"
+            "--chain-steps, --clients and --peer-processes must be at least 1, "
+            "--max-seconds above 0"
         )
     names = parse_systems(args.systems)
     try:

@@ -60,6 +60,7 @@ from sandbox.protocol import (
 T = TypeVar("T")
 MB = 1024 * 1024
 RESULT_OVERHEAD = 8 * MB  # logs and framing on top of the output limit
+FIRST_READ = 256 * 1024  # a result frame's first buffer; most frames fit
 STDIO_GRACE_S = 1.0  # after the result: how long to wait for the last of stdout/stderr
 EXIT_GRACE_S = 1.0  # after its result: how long a child may take to exit before it is killed
 EXIT_WAIT_S = 5.0  # after a kill: how long the zygote may take to report the exit
@@ -362,14 +363,21 @@ class Child:
         return protocol.decode_from_child(payload)
 
     async def _recv_exactly(self, size: int) -> bytearray:
-        """The socket straight into a buffer of the frame's size: a result of many MB is
-        copied once on this side, where a stream reader copies it into its buffer and out."""
+        """The socket straight into one buffer: a result of many MB is copied about once on
+        this side, where a stream reader copies it into its buffer and out again. The buffer
+        grows with the bytes that arrived (at most doubling), never to what the header
+        claims up front: a step that announces 100 MB and sends nothing holds no memory."""
         loop = asyncio.get_running_loop()
-        buffer = bytearray(size)
-        view = memoryview(buffer)
+        buffer = bytearray(min(size, FIRST_READ))
         got = 0
         while got < size:
-            n = await loop.sock_recv_into(self.channel, view[got:])
+            if got == len(buffer):
+                buffer.extend(bytes(min(len(buffer), size - len(buffer))))
+            view = memoryview(buffer)[got:]  # released before the buffer may grow again
+            try:
+                n = await loop.sock_recv_into(self.channel, view)
+            finally:
+                view.release()
             if n == 0:
                 raise asyncio.IncompleteReadError(b"", size)
             got += n

@@ -65,7 +65,10 @@ class Zygote:
         self.slot_limits: dict[tuple[str, int], int] = {}  # (controller, slot) -> limit set
         # (controller, slot) -> limit hits counted so far. One child at a time uses a slot, so
         # the count at its start is the count at its predecessor's reap: read once per exit.
-        self.slot_hits: dict[tuple[str, int], int] = {}
+        # Unless the predecessor's leftovers can outlive it (no pid namespace to end them, no
+        # uid of their own to kill them by): then the count is taken again at each start.
+        self.slot_hits: dict[tuple[str, int], int | None] = {}
+        self.leftovers_outlive = "pidns" not in self.available and "uid_drop" not in self.available
         self.children: dict[int, ChildRecord] = {}
         self.stopping = False
         self.network = namespaces.StepNetwork() if "netns" in self.available else None
@@ -201,12 +204,13 @@ class Zygote:
         record = self.children[pid]
         for controller in self.probed.controllers:
             limit = _cgroup_limit(controller.name, plan.limits)
-            if self.slot_limits.get((controller.name, record.slot)) != limit:
+            key = (controller.name, record.slot)
+            if self.slot_limits.get(key) != limit:
                 cgroups.prepare_slot(controller, record.slot, limit)  # writing it costs a reclaim
-                self.slot_limits[controller.name, record.slot] = limit
-                self.slot_hits[controller.name, record.slot] = cgroups.limit_hits(
-                    controller, record.slot
-                )
+                self.slot_limits[key] = limit
+                self.slot_hits[key] = cgroups.limit_hits(controller, record.slot)
+            elif self.leftovers_outlive:
+                self.slot_hits[key] = cgroups.limit_hits(controller, record.slot)
             cgroups.attach(controller, record.slot, pid)
 
     def kill(self, message: Kill) -> None:
@@ -248,11 +252,12 @@ class Zygote:
     def new_limit_hits(self, name: str, slot: int) -> bool:
         """Did the slot's cgroup for controller `name` hit its limit since the last look?"""
         controller = next((c for c in self.probed.controllers if c.name == name), None)
-        if controller is None or (name, slot) not in self.slot_hits:
-            return False
-        hits = cgroups.limit_hits(controller, slot)
-        before, self.slot_hits[name, slot] = self.slot_hits[name, slot], hits
-        return hits > before
+        before = self.slot_hits.get((name, slot))
+        hits = None if controller is None else cgroups.limit_hits(controller, slot)
+        if hits is None:
+            return False  # unreadable now: keep the count we had, judge the next exit by it
+        self.slot_hits[name, slot] = hits
+        return before is not None and hits > before
 
 
 def _cgroup_limit(controller: str, limits: Limits) -> int:

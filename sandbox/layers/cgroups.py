@@ -87,16 +87,17 @@ def attach(controller: Controller, slot: int, pid: int) -> None:
     write_file(os.path.join(controller.slot_dir(slot), "cgroup.procs"), str(pid).encode())
 
 
-def limit_hits(controller: Controller, slot: int) -> int:
-    """How often this slot's cgroup hit its limit: OOM kills (memory), refused forks (pids)."""
+def limit_hits(controller: Controller, slot: int) -> int | None:
+    """How often this slot's cgroup hit its limit: OOM kills (memory), refused forks (pids);
+    None when the count cannot be read."""
     try:
         fd = os.open(os.path.join(controller.slot_dir(slot), controller.events_file), os.O_RDONLY)
     except OSError:
-        return 0
+        return None
     try:
         text = os.read(fd, 4096)
     except OSError:
-        return 0
+        return None
     finally:
         os.close(fd)
     for line in text.splitlines():

@@ -15,13 +15,15 @@ import redis
 
 from bench import cli, compare, peers
 
-TINY = ["--repeat", "1", "--steps", "6", "--warmup", "2", "--chain-steps", "2"]
+REDIS_URL = "redis://127.0.0.1:6379/0"
+TINY = ["--redis-url", REDIS_URL, "--repeat", "1", "--steps", "6", "--warmup", "2"]
+TINY += ["--chain-steps", "2"]
 TINY += ["--clients", "2", "--max-seconds", "4", "--peer-processes", "1"]
 WORKERS = ["--concurrency", "2", "--pool-size", "1", "--uid-base", "644000"]
 
 
 def _queue_keys() -> set[bytes]:
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    client = redis.Redis.from_url(REDIS_URL)
     try:
         return {key for key in client.scan_iter(match="*bench-*", count=1000)}
     finally:
@@ -69,9 +71,14 @@ def test_every_system_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _peer_processes() == [], "every peer worker and driver is stopped"
     # Per-job keys of the peers carry a short TTL; queue keys are deleted at once.
-    assert not {k for k in _queue_keys() - before if b"bench-rq" in k or b"bench-celery" in k}
+    queues = [f"bench-{name}-".encode() for name in peers.PEERS]
+    assert not [k for k in _queue_keys() - before if any(q in k for q in queues)]
 
 
 def test_unknown_system_is_one_clear_error() -> None:
     with pytest.raises(SystemExit, match="--systems: unknown nope; choose from runnerd, rq"):
         cli.main(["compare", "--systems", "runnerd,nope"])
+
+
+def test_each_system_is_measured_once() -> None:
+    assert compare.parse_systems("rq, runnerd,rq") == ["rq", "runnerd"]

@@ -4,9 +4,11 @@ step's own failure, with the caller intact and its memory bounded."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tests.hostile.conftest import RunStep, Witnesses
+from tests.hostile.conftest import RunStep, Witnesses, run_step_measured
 
 OUTPUT_LIMIT_MB = 128  # Limits.output_mb; run-step has no flag to lower it
 
@@ -58,6 +60,17 @@ def run(input, ctx):
     os.write(3, (100).to_bytes(4, "big") + b"\\x00" * 10)
     os._exit(0)
 """
+
+# A header announcing 120 MB (within the output limit), then nothing: the caller must not set
+# aside memory for what was only announced.
+ANNOUNCED_ONLY = """
+import os, time
+
+def run(input, ctx):
+    os.write(3, (120 * 1024 * 1024).to_bytes(4, "big") + b"\\x92")
+    time.sleep(60)
+"""
+CALLER_RSS_MAX_MB = 100  # run-step itself is ~40 MB; the announced frame would add 120
 
 # A well-formed result frame written by the step itself, skipping the runtime's output check.
 FORGED_OVERSIZED = f"""
@@ -112,3 +125,15 @@ def test_forged_result_frame_past_the_output_limit(run_step: RunStep, witnesses:
 
     witnesses.assert_unharmed()
     assert error is not None and error["type"] == "output_limit", f"{output_bytes} bytes accepted"
+
+
+def test_announced_frame_takes_no_memory_until_it_arrives(
+    profile: str, tmp_path: Path, witnesses: Witnesses
+) -> None:
+    step = tmp_path / "announce.py"
+    step.write_text(ANNOUNCED_ONLY)
+    measured = run_step_measured(profile, step, "--wall-s", "2", timeout_s=60)
+
+    assert measured.run.error_type == "timeout", measured.run.report
+    assert 0 < measured.caller_peak_rss_mb < CALLER_RSS_MAX_MB, measured.caller_peak_rss_mb
+    witnesses.assert_unharmed()
