@@ -174,10 +174,11 @@ class Compiled(msgspec.Struct, tag="compiled", frozen=True):
 
 class StepResult(msgspec.Struct, tag="result", frozen=True):
     ok: bool
-    output: msgspec.Raw = NIL
     error: StepError | None = None
     logs: list[str] = []
     duration_s: float = 0.0
+    # Last, so that a large output can follow the rest of its frame uncopied (result_frame).
+    output: msgspec.Raw = NIL
 
 
 ToChild = StepRequest
@@ -201,6 +202,19 @@ def encode_frame(message: msgspec.Struct) -> bytearray:
     _encoder.encode_into(message, frame, FRAME_HEADER.size)
     FRAME_HEADER.pack_into(frame, 0, len(frame) - FRAME_HEADER.size)
     return frame
+
+
+def result_frame(result: StepResult) -> tuple[bytearray, msgspec.Raw]:
+    """A result's frame as (everything before the output, the output): sent one after the
+    other they are the frame `encode_frame` makes, without copying an output of many MB into
+    it. The output is the struct's last field, so the frame of the result with a nil output
+    ends with that nil's one byte, which the real output replaces."""
+    head = encode_frame(msgspec.structs.replace(result, output=NIL))
+    if head[-1:] != bytes(NIL):
+        raise ProtocolError("StepResult.output must be its last field")
+    del head[-1]
+    FRAME_HEADER.pack_into(head, 0, len(head) - FRAME_HEADER.size + len(result.output))
+    return head, result.output
 
 
 def decode_to_zygote(data: bytes | bytearray) -> ToZygote:

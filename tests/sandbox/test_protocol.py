@@ -70,3 +70,22 @@ def test_tagged_unions_pick_the_right_struct() -> None:
     result = protocol.decode_from_child(protocol.encode(StepResult(ok=False)))
     assert isinstance(result, StepResult)
     assert bytes(result.output) == b"\xc0"
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        StepResult(ok=True, output=msgspec.Raw(msgspec.msgpack.encode(b"x" * 100_000))),
+        StepResult(ok=True, output=msgspec.Raw(b"\xc0"), logs=["a", "b"], duration_s=0.5),
+        StepResult(ok=False, error=protocol.StepError("exception", "boom")),
+    ],
+)
+def test_result_frame_in_two_parts_is_the_whole_frame(result: StepResult) -> None:
+    head, output = protocol.result_frame(result)
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(head)
+        a.sendall(output)
+        decoded = protocol.decode_from_child(protocol.read_frame(b, 1 << 20))
+    assert bytes(head) + bytes(output) == bytes(protocol.encode_frame(result))
+    assert decoded == result
