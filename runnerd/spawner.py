@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import mmap
 import os
 import signal
 import socket
@@ -60,7 +61,7 @@ from sandbox.protocol import (
 T = TypeVar("T")
 MB = 1024 * 1024
 RESULT_OVERHEAD = 8 * MB  # logs and framing on top of the output limit
-FIRST_READ = 256 * 1024  # a result frame's first buffer; most frames fit
+SMALL_FRAME_BYTES = 256 * 1024  # frames up to this size are read into a bytearray
 STDIO_GRACE_S = 1.0  # after the result: how long to wait for the last of stdout/stderr
 EXIT_GRACE_S = 1.0  # after its result: how long a child may take to exit before it is killed
 EXIT_WAIT_S = 5.0  # after a kill: how long the zygote may take to report the exit
@@ -362,25 +363,23 @@ class Child:
         payload = await self._recv_exactly(protocol.frame_length(header, max_len))
         return protocol.decode_from_child(payload)
 
-    async def _recv_exactly(self, size: int) -> bytearray:
-        """The socket straight into one buffer: a result of many MB is copied about once on
-        this side, where a stream reader copies it into its buffer and out again. The buffer
-        grows with the bytes that arrived (at most doubling), never to what the header
-        claims up front: a step that announces 100 MB and sends nothing holds no memory."""
+    async def _recv_exactly(self, size: int) -> bytearray | mmap.mmap:
+        """The socket straight into one buffer of the frame's size: a result of many MB is
+        copied once on this side, where a stream reader copies it into its buffer and out
+        again. A large frame gets an anonymous mapping, whose pages exist only once bytes
+        arrive in them: a step that announces 100 MB and sends nothing holds no memory."""
         loop = asyncio.get_running_loop()
-        buffer = bytearray(min(size, FIRST_READ))
-        got = 0
-        while got < size:
-            if got == len(buffer):
-                buffer.extend(bytes(min(len(buffer), size - len(buffer))))
-            view = memoryview(buffer)[got:]  # released before the buffer may grow again
-            try:
-                n = await loop.sock_recv_into(self.channel, view)
-            finally:
-                view.release()
-            if n == 0:
-                raise asyncio.IncompleteReadError(b"", size)
-            got += n
+        buffer = bytearray(size) if size <= SMALL_FRAME_BYTES else mmap.mmap(-1, size)
+        view = memoryview(buffer)
+        try:
+            got = 0
+            while got < size:
+                n = await loop.sock_recv_into(self.channel, view[got:])
+                if n == 0:
+                    raise asyncio.IncompleteReadError(b"", size)
+                got += n
+        finally:
+            view.release()
         return buffer
 
     async def wait_ready(self, timeout_s: float) -> StepResult | None:
@@ -413,7 +412,8 @@ class Child:
             watch.add(self.pid, self.uid, self.limits.memory_mb * MB)
         try:
             async with asyncio.timeout(self.limits.wall_s):
-                await loop.sock_sendall(self.channel, protocol.encode_frame(request))
+                for buffer in protocol.frame_buffers(request):
+                    await loop.sock_sendall(self.channel, buffer)
                 message = await self.read_frame(self.limits.output_mb * MB + RESULT_OVERHEAD)
                 # Only the first frame may be the code cache: it is sent before the step runs.
                 if request.want_code_cache and isinstance(message, Compiled):

@@ -14,9 +14,10 @@ The node runner (runtimes/node_runner.mjs) speaks the step channel too; keep the
 
 from __future__ import annotations
 
+import mmap
 import socket
 import struct
-from typing import Literal, TypeVar
+from typing import Literal, TypeAlias, TypeVar
 
 import msgspec
 
@@ -28,6 +29,8 @@ ErrorType = Literal[
 ]
 
 T = TypeVar("T")
+SPLIT_PAYLOAD_BYTES = 64 * 1024
+Buffer: TypeAlias = bytes | bytearray | memoryview | mmap.mmap  # what a frame is read into
 FRAME_HEADER = struct.Struct(">I")
 CONTROL_PACKET_MAX = 64 * 1024
 # A Ready frame or an error frame is tiny; anything bigger before the request is a protocol error.
@@ -138,6 +141,9 @@ class StepContext(msgspec.Struct, frozen=True):
     attempt: int = 1
 
 
+NIL = msgspec.Raw(b"\xc0")  # msgpack nil: the output of a step that failed
+
+
 class StepRequest(msgspec.Struct, tag="request", frozen=True):
     """One step for one child. `input` is a msgpack value passed through undecoded.
 
@@ -148,21 +154,19 @@ class StepRequest(msgspec.Struct, tag="request", frozen=True):
 
     filename: str
     source: str
-    input: msgspec.Raw
     context: StepContext = StepContext()
     env: dict[str, str] = {}
     argv: list[str] = []
     code_cache: bytes | None = None
     want_code_cache: bool = False
     output_max: int = 128 * 1024 * 1024
+    # Last, so that a large input can follow the rest of its frame uncopied (frame_buffers).
+    input: msgspec.Raw = NIL
 
 
 class StepError(msgspec.Struct, frozen=True):
     type: ErrorType
     message: str
-
-
-NIL = msgspec.Raw(b"\xc0")  # msgpack nil: the output of a step that failed
 
 
 class Compiled(msgspec.Struct, tag="compiled", frozen=True):
@@ -177,7 +181,7 @@ class StepResult(msgspec.Struct, tag="result", frozen=True):
     error: StepError | None = None
     logs: list[str] = []
     duration_s: float = 0.0
-    # Last, so that a large output can follow the rest of its frame uncopied (result_frame).
+    # Last, so that a large output can follow the rest of its frame uncopied (frame_buffers).
     output: msgspec.Raw = NIL
 
 
@@ -204,43 +208,47 @@ def encode_frame(message: msgspec.Struct) -> bytearray:
     return frame
 
 
-def result_frame(result: StepResult) -> tuple[bytearray, msgspec.Raw]:
-    """A result's frame as (everything before the output, the output): sent one after the
-    other they are the frame `encode_frame` makes, without copying an output of many MB into
-    it. The output is the struct's last field, so the frame of the result with a nil output
-    ends with that nil's one byte, which the real output replaces."""
-    head = encode_frame(msgspec.structs.replace(result, output=NIL))
+def frame_buffers(message: StepRequest | StepResult) -> list[bytes | bytearray | msgspec.Raw]:
+    """A step message's frame as buffers to send one after the other. A large payload (a
+    request's input, a result's output: the struct's last field, a Raw) goes as it is, not
+    copied into the frame: the frame of the message with a nil payload ends with that nil's
+    one byte, which the payload replaces."""
+    name = "input" if isinstance(message, StepRequest) else "output"
+    payload: msgspec.Raw = getattr(message, name)
+    if len(payload) <= SPLIT_PAYLOAD_BYTES:
+        return [encode_frame(message)]  # one copy costs less than a second write
+    head = encode_frame(msgspec.structs.replace(message, **{name: NIL}))
     if head[-1:] != bytes(NIL):
-        raise ProtocolError("StepResult.output must be its last field")
+        raise ProtocolError(f"{type(message).__name__}.{name} must be its last field")
     del head[-1]
-    FRAME_HEADER.pack_into(head, 0, len(head) - FRAME_HEADER.size + len(result.output))
-    return head, result.output
+    FRAME_HEADER.pack_into(head, 0, len(head) - FRAME_HEADER.size + len(payload))
+    return [head, payload]
 
 
-def decode_to_zygote(data: bytes | bytearray) -> ToZygote:
+def decode_to_zygote(data: Buffer) -> ToZygote:
     return _decode(_to_zygote, data)
 
 
-def decode_from_zygote(data: bytes | bytearray) -> FromZygote:
+def decode_from_zygote(data: Buffer) -> FromZygote:
     return _decode(_from_zygote, data)
 
 
-def decode_to_child(data: bytes | bytearray) -> ToChild:
+def decode_to_child(data: Buffer) -> ToChild:
     return _decode(_to_child, data)
 
 
-def decode_from_child(data: bytes | bytearray) -> FromChild:
+def decode_from_child(data: Buffer) -> FromChild:
     return _decode(_from_child, data)
 
 
-def _decode(decoder: msgspec.msgpack.Decoder[T], data: bytes | bytearray) -> T:
+def _decode(decoder: msgspec.msgpack.Decoder[T], data: Buffer) -> T:
     try:
         return decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"undecodable message: {exc}") from exc
 
 
-def frame_length(header: bytes | bytearray, max_len: int) -> int:
+def frame_length(header: Buffer, max_len: int) -> int:
     """Length announced by a frame header; refuses frames over `max_len` before reading them."""
     length: int = FRAME_HEADER.unpack(header)[0]
     if length > max_len:

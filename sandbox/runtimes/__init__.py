@@ -23,7 +23,6 @@ MB = 1024 * 1024
 REQUEST_OVERHEAD = 64 * MB
 LOG_LINES_MAX = 1000
 LOG_LINE_BYTES_MAX = 4096
-SPLIT_OUTPUT_BYTES = 64 * 1024  # below this, one copy costs less than a second write
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -32,10 +31,9 @@ def receive_request(channel: socket.socket, output_mb: int) -> StepRequest:
 
 
 def send(channel: socket.socket, message: msgspec.Struct) -> None:
-    if isinstance(message, protocol.StepResult) and len(message.output) > SPLIT_OUTPUT_BYTES:
-        head, output = protocol.result_frame(message)
-        channel.sendall(head)
-        channel.sendall(output)  # a large output goes as it is, not copied into the frame
+    if isinstance(message, protocol.StepResult):
+        for buffer in protocol.frame_buffers(message):
+            channel.sendall(buffer)
     else:
         channel.sendall(protocol.encode_frame(message))
 

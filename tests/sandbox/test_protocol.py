@@ -72,20 +72,31 @@ def test_tagged_unions_pick_the_right_struct() -> None:
     assert bytes(result.output) == b"\xc0"
 
 
+BIG = msgspec.Raw(msgspec.msgpack.encode(b"x" * 100_000))
+
+
 @pytest.mark.parametrize(
-    "result",
+    ("message", "buffers"),
     [
-        StepResult(ok=True, output=msgspec.Raw(msgspec.msgpack.encode(b"x" * 100_000))),
-        StepResult(ok=True, output=msgspec.Raw(b"\xc0"), logs=["a", "b"], duration_s=0.5),
-        StepResult(ok=False, error=protocol.StepError("exception", "boom")),
+        (StepResult(ok=True, output=BIG, logs=["a"], duration_s=0.5), 2),
+        (StepResult(ok=True, output=msgspec.Raw(b"\xc0"), logs=["a", "b"]), 1),
+        (StepResult(ok=False, error=protocol.StepError("exception", "boom")), 1),
+        (StepRequest(filename="s.py", source="x", input=BIG, env={"A": "1"}), 2),
+        (StepRequest(filename="s.py", source="x", input=msgspec.Raw(b"\x01")), 1),
     ],
 )
-def test_result_frame_in_two_parts_is_the_whole_frame(result: StepResult) -> None:
-    head, output = protocol.result_frame(result)
+def test_frame_in_buffers_is_the_whole_frame(
+    message: StepRequest | StepResult, buffers: int
+) -> None:
+    parts = protocol.frame_buffers(message)
     a, b = socket.socketpair()
     with a, b:
-        a.sendall(head)
-        a.sendall(output)
-        decoded = protocol.decode_from_child(protocol.read_frame(b, 1 << 20))
-    assert bytes(head) + bytes(output) == bytes(protocol.encode_frame(result))
-    assert decoded == result
+        for part in parts:
+            a.sendall(part)
+        frame = protocol.read_frame(b, 1 << 20)
+    if isinstance(message, StepRequest):
+        assert protocol.decode_to_child(frame) == message
+    else:
+        assert protocol.decode_from_child(frame) == message
+    assert b"".join(bytes(part) for part in parts) == bytes(protocol.encode_frame(message))
+    assert len(parts) == buffers, "a large payload follows the rest of its frame as it is"
