@@ -38,6 +38,8 @@ def compare(path: str, all_runs: Sequence[SystemRuns], info: dict[str, str]) -> 
     task are seconds where runnerd is milliseconds)."""
     plt = _pyplot()
     names = [runs.name for runs in all_runs]
+    # Which systems give every task a fresh process, as runnerd does: the fair comparison.
+    labels = [f"{r.name}\n(fresh process)" if r.fresh_process else r.name for r in all_runs]
     colours = ["#d62728" if name == "runnerd" else "#7f7f7f" for name in names]
     rates = [[m.per_s for m in runs.repetitions] for runs in all_runs]
     medians = [statistics.median(r) for r in rates]
@@ -46,7 +48,7 @@ def compare(path: str, all_runs: Sequence[SystemRuns], info: dict[str, str]) -> 
         [max(r) - m for m, r in zip(medians, rates, strict=True)],
     ]
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
-    left.bar(names, medians, yerr=whiskers, color=colours, capsize=4)
+    left.bar(labels, medians, yerr=whiskers, color=colours, capsize=4)
     for x, value in enumerate(medians):
         left.annotate(
             f"{value:.0f}",
@@ -67,7 +69,7 @@ def compare(path: str, all_runs: Sequence[SystemRuns], info: dict[str, str]) -> 
     right.bar([x - 0.2 for x in positions], p50, width=0.4, label="p50", color=colours)
     right.bar([x + 0.2 for x in positions], p99, width=0.4, label="p99", color=colours, alpha=0.45)
     right.set_yscale("log")
-    right.set_xticks(list(positions), names, rotation=30)
+    right.set_xticks(list(positions), labels, rotation=30)
     right.set_title("6-step chain, end to end (solid p50, light p99)")
     right.set_ylabel("ms, log scale")
     figure.suptitle(f"runnerd vs RQ, arq, Celery, one Redis, one run: {_subtitle(info)}")
