@@ -387,8 +387,10 @@ def check_step_runs(chaos: Chaos, fleet: Fleet) -> dict[str, int]:
     figures = Counter({"executions run again": 0, "step runs repeated": 0})
     for execution_id, kind in chaos.kinds.items():
         steps = kind.counted_steps()
-        counts = client.mget([f"chaosruns:{execution_id}:{name}" for name in steps])
-        runs = {name: int(n or 0) for name, n in zip(steps, counts, strict=True)}
+        pipe = client.pipeline(transaction=False)
+        for name in steps:
+            pipe.scard(f"chaosruns:{execution_id}:{name}")  # a run is a token in a set
+        runs = dict(zip(steps, pipe.execute(), strict=True))
         firsts = starts.get(execution_id, [])
         for name, index in steps.items():
             explained = sum(1 for first in firsts if first <= index)
