@@ -9,22 +9,20 @@ here: they are bench-only and never a runtime dependency of runnerd.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil  # type: ignore[import-untyped]
 import redis
+
+from bench.workers import stop_sessions
 
 APPS = Path(__file__).resolve().parent / "peer_apps"
 DEFAULT_VENVS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "runnerd-bench"
@@ -34,7 +32,6 @@ PACKAGES = {
     "arq": ["arq==0.28.0"],
     "celery": ["celery[redis]==5.7.0"],
 }
-STOP_TIMEOUT_S = 15.0
 # The driver waits up to 60 s for workers, then runs three measurements of at most
 # --max-seconds each, the last call of each allowed its 120 s result timeout.
 DRIVE_SLACK_S = 60.0 + 3 * 120.0
@@ -141,7 +138,7 @@ def measure(peer: Peer, venv: Path, work: Workload) -> dict[str, Any]:
         try:
             return _drive(peer, venv, work, queue, env, workers, Path(logdir))
         finally:
-            _stop(workers)
+            stop_sessions(workers)
             _delete_keys(work.redis_url, queue)
 
 
@@ -192,32 +189,6 @@ def _drive(
     except json.JSONDecodeError as exc:
         raise PeerFailed(f"{peer.name}: the driver printed no JSON: {done.stdout[:300]!r}") from exc
     return found
-
-
-def _stop(workers: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM (each library's warm shutdown), then SIGKILL to the whole session, and to any
-    descendant that left it (RQ puts each work horse in a session of its own)."""
-    descendants = [child for worker in workers for child in _descendants(worker.pid)]
-    for worker in workers:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    for worker in workers:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            worker.wait(max(0.0, deadline - time.monotonic()))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(worker.pid, signal.SIGKILL)  # leftover work horses or pool children
-        worker.wait()
-    for child in descendants:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return list(psutil.Process(pid).children(recursive=True))
-    except psutil.Error:
-        return []
 
 
 def _delete_keys(redis_url: str, queue: str) -> None:

@@ -8,6 +8,7 @@ worker of another run on the same host, never hand one uid to two children at on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -162,17 +163,7 @@ class Fleet:
             self._logdir = None
 
     def _stop_all(self) -> None:
-        """SIGTERM (the worker drains), then SIGKILL to the group past the deadline."""
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for process in self.processes:
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_sessions(self.processes)
         self.processes = []
 
     async def _delete_keys(self) -> None:
@@ -186,6 +177,33 @@ class Fleet:
                 batch = []
         if batch:
             await redis.unlink(*batch)
+
+
+def stop_sessions(processes: list[subprocess.Popen[bytes]]) -> None:
+    """Stop processes each started in a session of its own: SIGTERM (a worker drains, a peer
+    library shuts down warm), then, past the deadline or not, SIGKILL to the whole session and
+    to any descendant that left it (RQ puts each work horse in a session of its own)."""
+    descendants = [child for process in processes for child in _descendants(process.pid)]
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    for child in descendants:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return list(psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return []
 
 
 def _rss(process: psutil.Process) -> int:

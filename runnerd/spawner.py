@@ -453,7 +453,7 @@ class Child:
     async def _finish(
         self, result: StepResult | None, error: StepError | None, elapsed_s: float
     ) -> StepOutcome:
-        await self._close_channel()
+        self.channel.close()
         watch = self.zygote.memory_watch
         if watch is not None and watch.remove(self.pid):
             result, error = None, self._memory_error()
@@ -515,14 +515,11 @@ class Child:
         tail = self.stderr.text()
         return "heap out of memory" in tail or "Fatal process out of memory" in tail
 
-    async def _close_channel(self) -> None:
-        self.channel.close()
-
     async def discard(self) -> None:
         """Kill an unused child and release what it holds."""
         self.zygote.kill(self.pid)
         self.zygote.forget(self.pid)
-        await self._close_channel()
+        self.channel.close()
         for task in self.drains:
             task.cancel()
 

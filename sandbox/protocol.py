@@ -29,6 +29,7 @@ ErrorType = Literal[
 ]
 
 T = TypeVar("T")
+# A payload above this is sent after its frame's head instead of copied into it (frame_buffers).
 SPLIT_PAYLOAD_BYTES = 64 * 1024
 Buffer: TypeAlias = bytes | bytearray | memoryview | mmap.mmap  # what a frame is read into
 FRAME_HEADER = struct.Struct(">I")

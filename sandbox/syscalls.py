@@ -1,4 +1,5 @@
-"""The few Linux calls Python 3.11 does not expose, through ctypes on the process's own libc.
+"""The few Linux calls Python 3.11 does not expose, through ctypes on the process's own libc,
+and a single raw write(2) for the kernel files the zygote writes per child.
 
 Each wrapper raises OSError with the errno on failure, like the os module does.
 """
@@ -155,3 +156,13 @@ def load_seccomp_bpf(program: bytes) -> None:
     """
     fprog = _SockFprog(len(program) // 8, program)
     prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
+
+
+def write_file(path: str, data: bytes) -> None:
+    """One write(2) on a raw fd, without Python's buffered text layer: the zygote writes id
+    maps and cgroup pids for every child, and the kernel takes each only whole, in one write."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)

@@ -231,8 +231,8 @@ class Zygote:
             # After release: its sweep of the slot's leftovers (no pid namespace) is done, so
             # what they hit counts for this child, never for the slot's next one.
             self.release(pid)
-            oom_killed = self.new_limit_hits("memory", record.slot)
-            pids_limited = self.new_limit_hits("pids", record.slot)
+            hit = {c.name: self.hit_limit(c, record.slot) for c in self.probed.controllers}
+            oom_killed, pids_limited = hit.get("memory", False), hit.get("pids", False)
             cpu_s = usage.ru_utime + usage.ru_stime
             self.send(Exited(pid, status, cpu_s, usage.ru_maxrss, oom_killed, pids_limited))
 
@@ -249,14 +249,13 @@ class Zygote:
             shutil.rmtree(record.tmpdir, ignore_errors=True)
         self.free_slots.append(record.slot)
 
-    def new_limit_hits(self, name: str, slot: int) -> bool:
-        """Did the slot's cgroup for controller `name` hit its limit since the last look?"""
-        controller = next((c for c in self.probed.controllers if c.name == name), None)
-        before = self.slot_hits.get((name, slot))
-        hits = None if controller is None else cgroups.limit_hits(controller, slot)
+    def hit_limit(self, controller: cgroups.Controller, slot: int) -> bool:
+        """Did the slot's cgroup for `controller` hit its limit since the last look?"""
+        hits = cgroups.limit_hits(controller, slot)
         if hits is None:
             return False  # unreadable now: keep the count we had, judge the next exit by it
-        self.slot_hits[name, slot] = hits
+        key = (controller.name, slot)
+        before, self.slot_hits[key] = self.slot_hits.get(key), hits
         return before is not None and hits > before
 
 

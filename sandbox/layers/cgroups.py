@@ -15,8 +15,8 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+from sandbox import syscalls
 from sandbox.errors import LayerError
-from sandbox.layers.userns import write_file
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 MB = 1024 * 1024
@@ -84,7 +84,7 @@ def prepare_slot(controller: Controller, slot: int, limit: int) -> None:
 
 
 def attach(controller: Controller, slot: int, pid: int) -> None:
-    write_file(os.path.join(controller.slot_dir(slot), "cgroup.procs"), str(pid).encode())
+    syscalls.write_file(os.path.join(controller.slot_dir(slot), "cgroup.procs"), str(pid).encode())
 
 
 def limit_hits(controller: Controller, slot: int) -> int | None:
@@ -92,14 +92,12 @@ def limit_hits(controller: Controller, slot: int) -> int | None:
     None when the count cannot be read."""
     try:
         fd = os.open(os.path.join(controller.slot_dir(slot), controller.events_file), os.O_RDONLY)
+        try:
+            text = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return None
-    try:
-        text = os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
     for line in text.splitlines():
         key, _, value = line.partition(b" ")
         if key == controller.event.encode():

@@ -14,23 +14,15 @@ from __future__ import annotations
 
 import os
 
+from sandbox import syscalls
+
 
 def write_id_maps(pid: int, outside_id: int) -> None:
     """Parent half: map uid/gid 0 inside to `outside_id` outside. setgroups must be denied first."""
     mapping = f"0 {outside_id} 1\n".encode()
-    write_file(f"/proc/{pid}/uid_map", mapping)
-    write_file(f"/proc/{pid}/setgroups", b"deny")
-    write_file(f"/proc/{pid}/gid_map", mapping)
-
-
-def write_file(path: str, data: bytes) -> None:
-    """One write(2), without Python's buffered text layer: the zygote does this for every
-    child, and the kernel takes a map or a pid only whole, in a single write."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+    syscalls.write_file(f"/proc/{pid}/uid_map", mapping)
+    syscalls.write_file(f"/proc/{pid}/setgroups", b"deny")
+    syscalls.write_file(f"/proc/{pid}/gid_map", mapping)
 
 
 def become_namespace_root() -> None:
