@@ -30,7 +30,7 @@ from tests.conftest import FARGATE_LAUNCHER, ROOT, StepRun, runnerd_argv, runner
 # A uid range of our own: a developer's test run on the same machine uses the default range
 # (200000), and a step's kill(-1), RLIMIT_NPROC (counted per uid) and the zygote's per-uid
 # clean-up would otherwise reach across the two runs, as would the leftover check below.
-UID_BASE = 300_000
+UID_BASE = int(os.environ.get("RUNNERD_TEST_UID_BASE", "300000"))
 SLOTS = 256  # the default RUNNERD_SANDBOX_SLOTS
 OTHER_STEP_UID = UID_BASE + 7  # a slot uid run-step does not use: "another customer's step"
 NOBODY = 65534
