@@ -49,7 +49,8 @@ class WorkerOptions:
             "RUNNERD_CONCURRENCY": str(self.concurrency),
             "RUNNERD_POOL_SIZE": str(self.pool_size),
             "RUNNERD_PARTITIONS": str(self.partitions),
-            "RUNNERD_SANDBOX_UID_BASE": str(self.uid_base + index * self.slots),
+            # slots + 1: the probe uses one uid past the slots', and ranges are claimed whole.
+            "RUNNERD_SANDBOX_UID_BASE": str(self.uid_base + index * (self.slots + 1)),
             "RUNNERD_SANDBOX_SLOTS": str(self.slots),
             "RUNNERD_DRAIN_S": f"{self.drain_s:g}",
             "RUNNERD_HTTP_PORT": "0",

@@ -21,6 +21,8 @@ from runnerd.errors import ConfigError, RunnerdError
 from runnerd.messages import StepOutcome
 from runnerd.settings import SETTINGS_HELP, Settings
 from runnerd.spawner import SandboxOptions, Spawner, StepSpec
+from sandbox import bounded
+from sandbox.bounded import DecodeLimitError
 from sandbox.protocol import Capabilities, Limits, Runtime, StepError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -156,17 +158,35 @@ def step_spec_from_args(args: argparse.Namespace, exec_argv: list[str]) -> StepS
     return StepSpec(runtime, path.name, _read_text(path, "step file"), data, limits)
 
 
+def decode_output(outcome: StepOutcome) -> tuple[Any, StepError | None]:
+    """A step's output decoded, and its error. The step wrote that msgpack, so it is decoded
+    within sandbox/bounded.py's bounds: past them (or not msgpack at all) the output is not
+    built, and the step counts as failed, with `output_limit` (or `protocol`)."""
+    if not outcome.ok:
+        return None, outcome.error
+    try:
+        return bounded.decode(outcome.output), None
+    except DecodeLimitError as exc:
+        return None, StepError("output_limit", f"the step's output has {exc}")
+    except msgspec.DecodeError as exc:
+        return None, StepError("protocol", f"the step's output is not valid msgpack: {exc}")
+
+
 def outcome_json(outcome: StepOutcome) -> dict[str, Any]:
-    """The run-step report: the outcome with `output` decoded (bytes become base64 in JSON)."""
+    """The run-step report: the outcome with `output` decoded (bytes become base64 in JSON);
+    `ok` is false when the output could not be decoded (see decode_output)."""
     report = msgspec.structs.asdict(outcome)
-    report["output"] = msgspec.msgpack.decode(outcome.output) if outcome.ok else None
-    report["error"] = msgspec.structs.asdict(outcome.error) if outcome.error else None
+    output, error = decode_output(outcome)
+    report["ok"] = error is None and outcome.ok
+    report["output"] = output
+    report["error"] = msgspec.structs.asdict(error) if error else None
     return report
 
 
 async def _run_step(settings: Settings, step: StepSpec) -> StepOutcome:
     if step.runtime == "node" and not settings.node_path:
-        return StepOutcome(ok=False, error=StepError("sandbox", "node was not found on PATH"))
+        message = "node was not found on PATH: install it, or set RUNNERD_NODE_PATH (--node-path)"
+        return StepOutcome(ok=False, error=StepError("sandbox", message))
     spawner = await Spawner.start(SandboxOptions.from_settings(settings), pool_size=0)
     try:
         refusal = check_required_layers(settings, spawner.capabilities)
@@ -193,9 +213,9 @@ def check_required_layers(settings: Settings, capabilities: Capabilities) -> str
 
 def cmd_run_step(args: argparse.Namespace, exec_argv: list[str], settings: Settings) -> int:
     step = step_spec_from_args(args, exec_argv)
-    outcome = _run(_run_step(settings, step))
-    sys.stdout.write(msgspec.json.encode(outcome_json(outcome)).decode() + "\n")
-    return EXIT_OK if outcome.ok else EXIT_FAILED
+    report = outcome_json(_run(_run_step(settings, step)))
+    sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
+    return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
 # --- doctor ------------------------------------------------------------------------------------
@@ -219,10 +239,18 @@ def cmd_doctor(settings: Settings) -> int:
         "required": list(settings.sandbox_require),
         "missing_required": missing,
         "problems": capabilities.problems,
+        # Without a filesystem view: where steps can write on the host (cleaned per slot).
+        "writable_dirs": capabilities.writable_dirs,
         "uid": os.geteuid(),
         "node": settings.node_path or None,
     }
     sys.stdout.write(msgspec.json.format(msgspec.json.encode(report)).decode() + "\n")
+    # The JSON is for programs; a person running doctor sees each problem (steps will fail)
+    # and each missing required layer on its own line, with its fix, as stderr.
+    for problem in capabilities.problems:
+        print(f"runnerd: problem: {problem}", file=sys.stderr)
+    if missing:
+        print(f"runnerd: required layers missing: {', '.join(missing)}", file=sys.stderr)
     return EXIT_FAILED if missing or capabilities.problems else EXIT_OK
 
 

@@ -38,6 +38,8 @@ from runnerd.messages import (
     result_decoder,
 )
 from runnerd.store import ENTRY_FIELD, RedisClient
+from sandbox import bounded
+from sandbox.bounded import DecodeLimitError
 from sandbox.protocol import StepError
 
 __all__ = ["Client", "Integration", "Result"]
@@ -66,13 +68,30 @@ class Result:
 
     @classmethod
     def from_raw(cls, raw: ExecutionResult) -> Result:
-        output = msgspec.msgpack.decode(raw.output) if raw.status == "succeeded" else None
+        """The output is customer data, decoded within sandbox/bounded.py's bounds (2,000,000
+        items, 64 levels of nesting), so that no result can take the memory of the process that
+        awaits it. Workers already fail a step whose output passes them (`output_limit`); a
+        succeeded result that passes them all the same (from an older worker) comes back
+        failed, with an `output_limit` error on its last step, as does one whose output is not
+        msgpack (`protocol`). Its output is then None; `raw.output` keeps the bytes."""
+        status, error, failed_step, output = raw.status, raw.error, raw.failed_step, None
+        refused: StepError | None = None
+        if status == "succeeded":
+            try:
+                output = bounded.decode(raw.output)
+            except DecodeLimitError as exc:
+                refused = StepError("output_limit", f"the execution's output has {exc}")
+            except msgspec.DecodeError as exc:
+                refused = StepError("protocol", f"the execution's output is not msgpack: {exc}")
+        if refused is not None:
+            status, error = "failed", refused
+            failed_step = raw.steps[-1].name if raw.steps else None
         return cls(
             raw.execution_id,
-            raw.status,
+            status,
             output,
-            raw.error,
-            raw.failed_step,
+            error,
+            failed_step,
             raw.steps,
             raw.attempts,
             raw.duration_s,
@@ -157,6 +176,8 @@ class Client:
         return execution_id
 
     async def result(self, execution_id: str) -> Result | None:
+        """The execution's result, None while it has none; its output decoded within bounds
+        (a result past them comes back failed: see Result.from_raw)."""
         raw: Any = await self.redis.get(self.keys.result(execution_id))
         return Result.from_raw(result_decoder.decode(raw)) if raw is not None else None
 

@@ -107,7 +107,8 @@ async def demo(args: argparse.Namespace, settings: Settings) -> int:
             ) as client:
                 first = await client.run(integration, {"orders": 5}, timeout=60)
                 timings = []
-                for _ in range(max(0, args.runs)):
+                # Timing runs that fail as the first did would only time the failure.
+                for _ in range(max(0, args.runs) if first.ok else 0):
                     started = time.perf_counter()
                     await client.run(integration, {"orders": 5}, timeout=60)
                     timings.append(time.perf_counter() - started)
@@ -116,7 +117,14 @@ async def demo(args: argparse.Namespace, settings: Settings) -> int:
             await serving
             await worker.close()
     _print_demo(integration, first, timings)
-    return EXIT_OK if first.ok else EXIT_FAILED
+    if not first.ok:
+        reason = first.error.message if first.error else first.status
+        print(
+            f"runnerd: demo: step {first.failed_step!r} failed, so no timed runs: {reason}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def asyncio_task(coroutine: Any) -> Any:
@@ -133,6 +141,9 @@ def _print_demo(integration: Integration, result: Result, timings: list[float]) 
         outcome = report.outcome
         status = "ok" if outcome.ok else f"FAILED ({outcome.error.type if outcome.error else '?'})"
         print(f"  {report.name:<10} {status:<8} {outcome.duration_s * 1000:7.1f} ms in the step")
+        if outcome.error is not None:  # the reason, under its step (a traceback stays indented)
+            indent = " " * 13
+            print(indent + outcome.error.message.rstrip().replace("\n", "\n" + indent))
     print(f"status: {result.status}")
     print(f"output: {msgspec.json.encode(result.output).decode()}")
     if timings:

@@ -38,7 +38,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     service_name: str = "runnerd-worker"
     sandbox_mode: SandboxMode = "best-effort"
     sandbox_require: tuple[str, ...] = ("uid_drop", "rlimits", "no_new_privs", "seccomp")
-    sandbox_uid_base: int = 200_000
+    sandbox_uid_base: int = 0
     sandbox_slots: int = 256
     pool_size: int = 2
     node_path: str = ""
@@ -65,7 +65,10 @@ SETTINGS_HELP: dict[str, str] = {
     "sandbox_mode": "strict: refuse to run steps when a required layer is missing; "
     "best-effort: run with what the host allows and say so",
     "sandbox_require": "comma list of sandbox layers that must be present (see `runnerd doctor`)",
-    "sandbox_uid_base": "first host uid of the per-child-slot uids (uid_base .. uid_base+slots)",
+    "sandbox_uid_base": (
+        "first host uid of the per-child-slot uids (uid_base .. uid_base+slots), claimed for "
+        "the instance's life; 0: the first free range from 200000 on"
+    ),
     "sandbox_slots": "most children alive at once (running or warm)",
     "pool_size": "warm, already-confined children kept per runtime (0: spawn on demand)",
     "node_path": "the node binary for JavaScript steps (default: `node` on PATH)",
@@ -117,9 +120,13 @@ def _validate(settings: Settings) -> Settings:
             f"{env_name('sandbox_require')}: unknown sandbox layer(s) {', '.join(unknown)}; "
             f"known: {', '.join(ALL_LAYERS)}"
         )
-    for field in ("sandbox_uid_base", "pool_size"):
-        if getattr(settings, field) < 0:
-            raise ConfigError(f"{env_name(field)}: must not be negative")
+    if settings.pool_size < 0:
+        raise ConfigError(f"{env_name('pool_size')}: must not be negative")
+    if 0 < settings.sandbox_uid_base < 1000 or settings.sandbox_uid_base < 0:
+        raise ConfigError(
+            f"{env_name('sandbox_uid_base')}: must be 0 (pick a free range) or at least 1000, "
+            "above the system's own uids"
+        )
     for field in (
         "sandbox_slots",
         "concurrency",

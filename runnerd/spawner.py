@@ -37,7 +37,8 @@ from runnerd.messages import StepOutcome
 from runnerd.metrics import Metrics
 from runnerd.pool import WarmPool
 from runnerd.settings import Settings
-from sandbox import protocol
+from sandbox import bounded, protocol, uid_range
+from sandbox.bounded import DecodeLimitError
 from sandbox.errors import ProtocolError
 from sandbox.protocol import (
     Capabilities,
@@ -68,12 +69,16 @@ EXIT_WAIT_S = 5.0  # after a kill: how long the zygote may take to report the ex
 CODE_CACHE_BYTES_MAX = 64 * MB
 LOG_LINES_MAX = 1000
 LOG_LINE_MAX = 4096
+# A result frame is the output inside a map (type, ok, error, logs, duration_s, output): one
+# level deeper than the output, and a few items plus its log lines more.
+FRAME_DEPTH_MAX = bounded.MAX_DEPTH + 1
+FRAME_ITEMS_MAX = bounded.MAX_ITEMS + LOG_LINES_MAX + 64
 POOL_KINDS_MAX = 8  # warm pools kept for this many (runtime, limits) kinds, least recent dropped
 
 
 @dataclass(frozen=True)
 class SandboxOptions:
-    uid_base: int = 200_000
+    uid_base: int = 0  # 0: the first free range (sandbox/uid_range.py)
     slots: int = 256
     node_path: str = ""
     python: str = sys.executable
@@ -101,9 +106,15 @@ class StepSpec:
 class Zygote:
     """The zygote process and the control socket to it."""
 
-    def __init__(self, process: asyncio.subprocess.Process, control: socket.socket) -> None:
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        control: socket.socket,
+        uids: uid_range.Claim | None = None,
+    ) -> None:
         self.process = process
         self.control = control
+        self.uids = uids
         self.capabilities = Capabilities({})
         self._next_request = 0
         self._spawns: dict[int, asyncio.Future[Spawned]] = {}
@@ -116,6 +127,11 @@ class Zygote:
 
     @classmethod
     async def start(cls, options: SandboxOptions) -> Zygote:
+        try:
+            # The probe uses one uid past the slots'.
+            uids = uid_range.claim(options.uid_base, options.slots + 1)
+        except (uid_range.UidRangeTaken, OSError) as exc:
+            raise SandboxUnavailable(str(exc)) from exc
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         tmp_root = tempfile.mkdtemp(prefix="runnerd-steps-")
         argv = [
@@ -127,7 +143,7 @@ class Zygote:
             "--control-fd",
             str(theirs.fileno()),
             "--uid-base",
-            str(options.uid_base),
+            str(uids.base),
             "--slots",
             str(options.slots),
             "--node",
@@ -144,7 +160,7 @@ class Zygote:
             cwd=str(Path(sandbox.__file__).resolve().parent.parent),
         )
         theirs.close()
-        zygote = cls(process, ours)
+        zygote = cls(process, ours, uids)
         ours.setblocking(False)
         asyncio.get_running_loop().add_reader(ours.fileno(), zygote._on_readable)
         try:
@@ -288,6 +304,8 @@ class Zygote:
         except TimeoutError:
             self.process.kill()
             await self.process.wait()
+        if self.uids is not None:
+            self.uids.release()  # only once nothing of ours can still run as them
 
 
 class TailBuffer:
@@ -361,7 +379,7 @@ class Child:
     async def read_frame(self, max_len: int) -> protocol.FromChild:
         header = await self._recv_exactly(protocol.FRAME_HEADER.size)
         payload = await self._recv_exactly(protocol.frame_length(header, max_len))
-        return protocol.decode_from_child(payload)
+        return _decode_frame(payload)
 
     async def _recv_exactly(self, size: int) -> bytearray | mmap.mmap:
         """The socket straight into one buffer of the frame's size: a result of many MB is
@@ -387,16 +405,27 @@ class Child:
         try:
             async with asyncio.timeout(timeout_s):
                 message = await self.read_frame(protocol.SMALL_FRAME_MAX)
-        except (TimeoutError, asyncio.IncompleteReadError, ProtocolError, OSError) as exc:
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            ProtocolError,
+            DecodeLimitError,
+            OSError,
+        ) as exc:
             await self.discard()
             reason = "timed out" if isinstance(exc, TimeoutError) else "closed its channel"
-            return _sandbox_failure(f"the child {reason} before it was ready")
+            problems = _problems_note(self.zygote.capabilities.problems)
+            return _sandbox_failure(f"the child {reason} before it was ready{problems}")
         if isinstance(message, Ready):
             self.layers = message.layers
             return None
         await self.discard()
-        if isinstance(message, StepResult) and not message.ok:
-            return message  # a layer failed: the child says which
+        if isinstance(message, StepResult) and not message.ok and message.error is not None:
+            # A layer failed: the child says which, and what the probe found may say why (a
+            # runtime path the layer could not keep).
+            note = _problems_note(self.zygote.capabilities.problems)
+            error = StepError(message.error.type, message.error.message + note)
+            return msgspec.structs.replace(message, error=error)
         return _sandbox_failure(f"the child sent {type(message).__name__} before it was ready")
 
     async def run(self, request: StepRequest) -> tuple[StepOutcome, bytes | None]:
@@ -429,6 +458,8 @@ class Child:
             )
         except ProtocolError as exc:
             error = StepError("protocol", f"the step corrupted its result channel: {exc}")
+        except DecodeLimitError as exc:
+            error = StepError("output_limit", f"the step's result has {exc}")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # no result: the exit status says why
         if result is None:
@@ -627,9 +658,35 @@ def _ok(layers: dict[str, LayerStatus], name: str) -> bool:
 
 
 def _code_key(step: StepSpec) -> str:
-    digest = hashlib.sha256(step.source.encode())
-    digest.update(step.filename.encode())
-    return digest.hexdigest()
+    # The fields as one msgpack array, so each is length-prefixed: hashed one after the other,
+    # (source + "x", "y.py") and (source, "xy.py") shared a key, and a step whose name carried
+    # the tail of another step's source was handed that step's compiled code.
+    return hashlib.sha256(msgspec.msgpack.encode((step.source, step.filename))).hexdigest()
+
+
+def _decode_frame(payload: protocol.Buffer) -> protocol.FromChild:
+    """A frame from a child is written by the step's own process, so it is walked before msgspec
+    builds anything from it (the logs are decoded; skipping a deep output recurses): past the
+    bounds it is a DecodeLimitError, malformed a ProtocolError, never an OOM or RecursionError."""
+    try:
+        items = bounded.check(payload, FRAME_ITEMS_MAX, FRAME_DEPTH_MAX)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"undecodable message: {exc}") from exc
+    except DecodeLimitError as exc:
+        # Past the frame's bounds the result is past the output's too: say those, the ones
+        # documented (the frame's own are theirs plus the envelope).
+        limit = bounded.MAX_ITEMS if exc.bound == "items" else bounded.MAX_DEPTH
+        raise DecodeLimitError(exc.bound, limit) from exc
+    message = protocol.decode_from_child(payload)
+    if items > bounded.MAX_ITEMS and isinstance(message, StepResult):
+        bounded.check(message.output)  # near the bound: the output alone, exactly
+    return message
+
+
+def _problems_note(problems: list[str]) -> str:
+    """A child that dies before it is ready (node not executable by its uid, a runtime file it
+    cannot read) cannot say why itself: what the probe found is the likely reason."""
+    return f" (the sandbox probe found: {'; '.join(problems)})" if problems else ""
 
 
 def _sandbox_failure(message: str) -> StepResult:

@@ -62,11 +62,13 @@ class Capabilities(msgspec.Struct, frozen=True):
     """What the probe found: layer name -> whether it works on this host, and why not.
 
     `problems` are things that will break steps although every layer works (e.g. the runtime's
-    files not readable by the unprivileged step uid).
+    files not readable by the unprivileged step uid). `writable_dirs`: without a filesystem
+    view, the host's directories every user may write to, which a step's slot is cleaned in.
     """
 
     layers: dict[str, LayerStatus]
     problems: list[str] = []
+    writable_dirs: list[str] = []
 
     def available(self) -> list[str]:
         return sorted(name for name, status in self.layers.items() if status.ok)

@@ -24,17 +24,23 @@ import signal
 import socket
 import subprocess  # noqa: F401 - the same, for exec steps
 import sys
+import time
 from collections import deque
 from typing import NoReturn
 
-from sandbox import child, protocol, syscalls
+import msgspec
+
+from sandbox import child, protocol, rootfs, syscalls, writable
+from sandbox.cleaner import Cleaner, CleanSlot
 from sandbox.errors import ProtocolError
-from sandbox.layers import ChildPlan, cgroups, mounts, namespaces, userns
-from sandbox.probe import Probed, probe
+from sandbox.layers import ChildPlan, cgroups, mounts, namespaces, userns, view
+from sandbox.probe import Probed, probe, probe_view
 from sandbox.protocol import Exited, Hello, Kill, Limits, Spawn, Spawned, SpawnFailed
 from sandbox.runtimes import node
 
 MB = 1024 * 1024
+CLEANER_STOP_S = 10.0  # at shutdown: how long the cleaner may take to finish
+STRAYS_WAIT_S = 2.0  # at shutdown: how long killed leftovers may take to die
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +60,21 @@ class ChildRecord:
 
 
 class Zygote:
-    def __init__(self, control: socket.socket, config: ZygoteConfig, probed: Probed) -> None:
+    def __init__(
+        self,
+        control: socket.socket,
+        config: ZygoteConfig,
+        probed: Probed,
+        view_root: str = "",
+        cleaner: Cleaner | None = None,
+    ) -> None:
         self.control = control
         self.config = config
         self.probed = probed
+        self.view_root = view_root
+        self.cleaner = cleaner
+        self.writable_dirs = probed.capabilities.writable_dirs
+        self.cleaning: dict[int, Exited] = {}  # slot -> the exit to report once it is clean
         self.available = frozenset(probed.capabilities.available())
         # First in, first out: a slot just freed is used last, which gives the kernel time to
         # finish tearing down its previous child's namespaces and cgroup charges.
@@ -72,7 +89,9 @@ class Zygote:
         self.children: dict[int, ChildRecord] = {}
         self.stopping = False
         self.network = namespaces.StepNetwork() if "netns" in self.available else None
-        self.keep_paths = mounts.runtime_paths(config.node_path)
+        self.keep_paths = tuple(
+            p for p in rootfs.runtime_paths(config.node_path) if view.under_temp_dir(p)
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -81,11 +100,15 @@ class Zygote:
         poller = select.poll()
         poller.register(self.control, select.POLLIN)
         poller.register(wakeup, select.POLLIN)
+        if self.cleaner is not None:
+            poller.register(self.cleaner.fileno(), select.POLLIN)
         while not self.stopping:
             for fd, _ in poller.poll():
                 if fd == wakeup:
                     os.read(wakeup, 512)
                     self.reap()
+                elif self.cleaner is not None and fd == self.cleaner.fileno():
+                    self.handle_cleaned()
                 else:
                     self.handle_control()
         self.shutdown()
@@ -116,12 +139,22 @@ class Zygote:
     def shutdown(self) -> None:
         for pid in list(self.children):
             _kill(pid)
-        for pid in list(self.children):
+        for pid, record in list(self.children.items()):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-            self.release(pid)
+            job = self.clean_up_job(record)
+            if job is not None and self.cleaner is not None:
+                self.cleaner.request(job)
+        self.children.clear()
+        if self.cleaner is not None:
+            self.cleaner.close(CLEANER_STOP_S)
+        _reap_everything(STRAYS_WAIT_S)
         for controller in self.probed.controllers:
             cgroups.remove(controller)
+        if self.view_root:
+            # Out of this namespace before the tree under it is removed: the view holds binds.
+            with contextlib.suppress(OSError):
+                syscalls.umount2(self.view_root, syscalls.MNT_DETACH)
         shutil.rmtree(self.config.tmp_root, ignore_errors=True)
 
     def send(self, message: protocol.FromZygote) -> None:
@@ -195,6 +228,7 @@ class Zygote:
             node_path=self.config.node_path,
             node_flags=self.config.node_flags,
             keep_paths=self.keep_paths,
+            view_root=self.view_root,
         )
 
     def set_up_from_parent(self, pid: int, plan: ChildPlan) -> None:
@@ -225,29 +259,52 @@ class Zygote:
                 return
             if pid == 0:
                 return
-            record = self.children.get(pid)
+            record = self.children.pop(pid, None)
             if record is None:
                 continue
-            # After release: its sweep of the slot's leftovers (no pid namespace) is done, so
-            # what they hit counts for this child, never for the slot's next one.
-            self.release(pid)
-            hit = {c.name: self.hit_limit(c, record.slot) for c in self.probed.controllers}
-            oom_killed, pids_limited = hit.get("memory", False), hit.get("pids", False)
             cpu_s = usage.ru_utime + usage.ru_stime
-            self.send(Exited(pid, status, cpu_s, usage.ru_maxrss, oom_killed, pids_limited))
+            self.release(record, Exited(pid, status, cpu_s, usage.ru_maxrss, False, False))
 
-    def release(self, pid: int) -> None:
-        """Make a dead child's slot clean for the next one, then free it."""
-        record = self.children.pop(pid)
-        if "pidns" not in self.available and "uid_drop" in self.available:
-            _kill_all_of_uid(record.uid)  # without a pid namespace, leftovers outlive the child
-        if "mountns" not in self.available and "uid_drop" in self.available:
-            # Without private temp dirs, what the step left in the host's goes with it.
-            for directory in mounts.TEMP_DIRS:
-                _remove_owned_by(directory, record.uid)
-        if record.tmpdir is not None:
-            shutil.rmtree(record.tmpdir, ignore_errors=True)
-        self.free_slots.append(record.slot)
+    def release(self, record: ChildRecord, exited: Exited) -> None:
+        """Make a dead child's slot fit for the next one, then free it and report the exit.
+        What needs more than bookkeeping is done by the cleaner, off this loop."""
+        job = self.clean_up_job(record)
+        if job is None or self.cleaner is None:
+            self.slot_done(record.slot, exited)
+            return
+        self.cleaning[record.slot] = exited
+        self.cleaner.request(job)
+
+    def clean_up_job(self, record: ChildRecord) -> CleanSlot | None:
+        kill_uid = "pidns" not in self.available and "uid_drop" in self.available
+        # Without a view of its own, what the step left in the host's writable places goes.
+        dirs = self.writable_dirs if "uid_drop" in self.available else []
+        if not kill_uid and not dirs and record.tmpdir is None:
+            return None
+        return CleanSlot(record.slot, record.uid, kill_uid, record.tmpdir, dirs)
+
+    def handle_cleaned(self) -> None:
+        assert self.cleaner is not None
+        try:
+            slots = self.cleaner.finished()
+        except OSError:
+            self.stopping = True  # without its cleaner no slot can be reused safely
+            return
+        self.reap()  # the leftovers the cleaner killed are ours (a subreaper's) to reap
+        for slot in slots:
+            exited = self.cleaning.pop(slot, None)
+            if exited is not None:
+                self.slot_done(slot, exited)
+
+    def slot_done(self, slot: int, exited: Exited) -> None:
+        # Only now: the sweep of the slot's leftovers is done, so what they hit counts for
+        # this child, never for the slot's next one.
+        hit = {c.name: self.hit_limit(c, slot) for c in self.probed.controllers}
+        self.free_slots.append(slot)
+        exited = msgspec.structs.replace(
+            exited, oom_killed=hit.get("memory", False), pids_limited=hit.get("pids", False)
+        )
+        self.send(exited)
 
     def hit_limit(self, controller: cgroups.Controller, slot: int) -> bool:
         """Did the slot's cgroup for `controller` hit its limit since the last look?"""
@@ -275,46 +332,17 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _kill_all_of_uid(uid: int) -> None:
-    """kill(-1) as `uid` reaches every process of that uid and nothing else (kill(2)); again
-    until none is left, in case a fork bomb forked while the first sweep went by."""
-    pid = os.fork()
-    if pid == 0:
+def _reap_everything(timeout_s: float) -> None:
+    """Before the zygote exits: the steps' leftovers it killed are its children (it is their
+    subreaper); unreaped, they would be handed to whatever reaps above it, as zombies."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         try:
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            for _ in range(100):
-                os.kill(-1, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # ESRCH: nothing of that uid is left
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
-
-
-def _remove_owned_by(directory: str, uid: int, budget: int = 10_000) -> None:
-    """Delete everything `uid` owns under `directory` (it can only have written to
-    world-writable places), without following symlinks, visiting at most `budget` entries."""
-    stack = [directory]
-    while stack and budget > 0:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except OSError:
-            continue
-        for entry in entries:
-            budget -= 1
-            try:
-                owned = entry.stat(follow_symlinks=False).st_uid == uid
-                is_dir = entry.is_dir(follow_symlinks=False)
-            except OSError:
-                continue
-            if owned and is_dir:
-                shutil.rmtree(entry.path, ignore_errors=True)
-            elif owned:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-            elif is_dir:
-                stack.append(entry.path)
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.005)
 
 
 def _close_all(fds: list[int]) -> None:
@@ -350,8 +378,21 @@ def main(argv: list[str] | None = None) -> NoReturn:
     signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop through the pipe
     control = socket.socket(fileno=control_fd)
     config = dataclasses.replace(config, node_flags=node.supported_flags(config.node_path))
-    probed = probe(config.uid_base + config.slots, os.getpid())
-    zygote = Zygote(control, config, probed)
+    probe_uid = config.uid_base + config.slots
+    probed = probe(probe_uid, os.getpid(), config.node_path)
+    view_root = os.path.join(config.tmp_root, "view")
+    probe_view(probed, view_root, probe_uid, config.node_path)
+    has_view = probed.capabilities.layers["fs_view"].ok
+    can_clean = "uid_drop" in probed.capabilities.available()
+    if not has_view and can_clean:
+        found = writable.find_writable_dirs(exclude=(config.tmp_root,))
+        probed.capabilities = msgspec.structs.replace(probed.capabilities, writable_dirs=found)
+    cleaner = None
+    if not has_view or "pidns" not in probed.capabilities.available():
+        trash = os.path.join(config.tmp_root, "trash")
+        os.makedirs(trash, mode=0o700, exist_ok=True)
+        cleaner = Cleaner(trash)
+    zygote = Zygote(control, config, probed, view_root if has_view else "", cleaner)
     signal.signal(signal.SIGTERM, lambda *_: zygote.request_stop())
     # Everything loaded so far lives as long as the zygote: out of the collector's sight, a
     # collection in the zygote or in a child never walks it, which would copy every page.

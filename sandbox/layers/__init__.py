@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sandbox.errors import LayerError
-from sandbox.layers import fds, mounts, namespaces, privileges, rlimits, seccomp, userns
+from sandbox.layers import fds, mounts, namespaces, privileges, rlimits, seccomp, userns, view
 from sandbox.protocol import Limits, Runtime
 
 # Every layer the probe reports, in the order a child applies them. Namespaces and cgroups are
@@ -24,6 +24,7 @@ ALL_LAYERS = (
     "pidns",
     "netns",
     "mountns",
+    "fs_view",
     "ipcns",
     "utsns",
     "uid_drop",
@@ -52,6 +53,7 @@ class ChildPlan:
     node_path: str
     node_flags: tuple[str, ...] = ()
     keep_paths: tuple[str, ...] = ()  # runtime files under a temp dir, bound back read-only
+    view_root: str = ""  # where the zygote built the filesystem view, with `fs_view`
 
 
 def _uid_drop(plan: ChildPlan) -> None:
@@ -61,8 +63,25 @@ def _uid_drop(plan: ChildPlan) -> None:
 
 
 def _mount_temp_dirs(plan: ChildPlan) -> None:
+    if "fs_view" in plan.layers:
+        # The zygote's namespace, which this one copies, is private already.
+        view.mount_step_dirs(plan.view_root, plan.limits.tmp_mb, plan.keep_paths)
+        return
     mounts.make_private()
     mounts.mount_temp_dirs(plan.limits.tmp_mb, plan.keep_paths)
+
+
+def _mount_proc(plan: ChildPlan) -> None:
+    if "fs_view" in plan.layers:
+        view.mount_proc(plan.view_root)
+    else:
+        mounts.mount_proc()
+
+
+def _enter_view(plan: ChildPlan) -> None:
+    if "private_proc" not in plan.layers:
+        view.bind_host_proc(plan.view_root)
+    view.enter(plan.view_root)
 
 
 RECIPE: list[tuple[str, Callable[[ChildPlan], None]]] = [
@@ -71,7 +90,8 @@ RECIPE: list[tuple[str, Callable[[ChildPlan], None]]] = [
     # Mounts and the hostname need privileges (in the user namespace, or root without one),
     # so they come before the uid drop.
     ("mountns", _mount_temp_dirs),
-    ("private_proc", lambda plan: mounts.mount_proc()),
+    ("private_proc", _mount_proc),
+    ("fs_view", _enter_view),
     ("utsns", lambda plan: namespaces.set_hostname()),
     ("uid_drop", _uid_drop),
     ("rlimits", lambda p: rlimits.apply(p.limits, p.runtime, "cgroup_pids" in p.layers)),

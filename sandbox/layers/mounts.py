@@ -44,23 +44,6 @@ def mount_temp_dirs(size_mb: int, keep: tuple[str, ...] = ()) -> None:
             os.close(fd)
 
 
-def runtime_paths(node_path: str) -> tuple[str, ...]:
-    """Where the runtime's own files live: the sandbox package, the environment's prefixes
-    and node. Only those under a temp dir need keeping (a checkout or venv under /tmp)."""
-    import sys
-
-    package_root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-    candidates = {
-        os.path.dirname(package_root),
-        sys.prefix,
-        sys.base_prefix,
-        os.path.dirname(os.path.realpath(node_path)) if node_path else "",
-    }
-    inside = [p for p in candidates if p and any(p.startswith(d + "/") for d in TEMP_DIRS)]
-    # Keep only the outermost of nested paths (a venv inside a checkout).
-    return tuple(sorted(p for p in inside if not any(p.startswith(q + "/") for q in inside)))
-
-
 def mount_proc() -> None:
     flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
     syscalls.mount("proc", "/proc", "proc", flags, None)

@@ -9,9 +9,11 @@ and Fargate's refuse them). Probe: clone a throwaway child with each flag on its
 The network namespace is the one not made per child: creating and tearing one down costs
 more kernel time than all the others together, so the zygote moves itself once into an empty
 network namespace (`StepNetwork`) and every child without network inherits it. Sharing it is
-safe because those steps cannot create a socket at all (the seccomp layer refuses socket(2));
-the namespace is the second wall behind that. A step with network is cloned from the host's
-namespace, which the zygote enters just for that clone.
+safe because those steps can neither create a socket nor give one a name or a destination
+(the seccomp layer refuses socket, bind, connect, and allows only stream socketpairs), so no
+abstract name of the shared namespace can join two of them; the namespace is the second wall.
+A step with network is cloned from the host's namespace, which the zygote enters just for that
+clone.
 """
 
 from __future__ import annotations

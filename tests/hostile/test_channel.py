@@ -87,6 +87,45 @@ def run(input, ctx):
     os._exit(0)
 """
 
+# Legal results of 16 MB that decode to 1.2 GB of Python objects (one byte per item): the caller
+# walks them before decoding and refuses them past 2,000,000 items, unbuilt.
+MANY_ITEMS = {
+    ".py": """
+def run(input, ctx):
+    return [{}] * 16_000_000
+""",
+    ".mjs": """
+export function run(input, ctx) {
+  return new Array(16_000_000).fill(0);
+}
+""",
+}
+# run-step is ~40 MB and reads the 16 MB frame; decoding it took 1.2 GB.
+CALLER_MANY_ITEMS_RSS_MAX_MB = 200
+
+# 100,000 nested lists as msgpack the step wrote itself (msgspec sends a Raw as it is): decoding
+# or even skipping them recursed past the interpreter's limit.
+DEEP = """
+import msgspec
+
+def run(input, ctx):
+    return msgspec.Raw(b"\\x91" * 100_000 + b"\\xc0")
+"""
+
+# A well-formed 48 MB result frame written by the step itself, whose logs are 16 M strings: the
+# caller decodes logs, which took GBs before they could be cut to 1000 lines.
+FORGED_LOGS = """
+import os
+from sandbox import protocol
+
+def run(input, ctx):
+    frame = protocol.encode_frame(protocol.StepResult(ok=True, logs=["ab"] * 16_000_000))
+    view = memoryview(frame)
+    while view:
+        view = view[os.write(3, view) :]
+    os._exit(0)
+"""
+
 
 @pytest.mark.parametrize("suffix", [".py", ".mjs"])
 def test_oversized_result(run_step: RunStep, suffix: str, witnesses: Witnesses) -> None:
@@ -136,4 +175,48 @@ def test_announced_frame_takes_no_memory_until_it_arrives(
 
     assert measured.run.error_type == "timeout", measured.run.report
     assert 0 < measured.caller_peak_rss_mb < CALLER_RSS_MAX_MB, measured.caller_peak_rss_mb
+    witnesses.assert_unharmed()
+
+
+@pytest.mark.parametrize("suffix", [".py", ".mjs"])
+def test_result_of_many_items_is_refused_unbuilt(
+    profile: str, tmp_path: Path, suffix: str, witnesses: Witnesses
+) -> None:
+    step = tmp_path / f"many{suffix}"
+    step.write_text(MANY_ITEMS[suffix])
+    measured = run_step_measured(profile, step, timeout_s=90)
+
+    assert measured.run.exit_code == 1
+    assert measured.run.error_type == "output_limit", measured.run.report
+    assert "more than 2,000,000 items" in measured.run.report["error"]["message"]
+    assert 0 < measured.caller_peak_rss_mb < CALLER_MANY_ITEMS_RSS_MAX_MB, (
+        measured.caller_peak_rss_mb
+    )
+    witnesses.assert_unharmed()
+
+
+def test_deeply_nested_result_is_refused_without_recursion(
+    run_step: RunStep, witnesses: Witnesses
+) -> None:
+    result = run_step(DEEP)
+
+    assert result.exit_code == 1
+    assert result.error_type == "output_limit", result.report
+    assert "nested deeper than 64 levels" in result.report["error"]["message"]
+    assert "RecursionError" not in result.stderr
+    witnesses.assert_unharmed()
+
+
+def test_forged_frame_of_many_log_lines_is_refused_unbuilt(
+    profile: str, tmp_path: Path, witnesses: Witnesses
+) -> None:
+    step = tmp_path / "logs.py"
+    step.write_text(FORGED_LOGS)
+    measured = run_step_measured(profile, step, timeout_s=90)
+
+    assert measured.run.error_type == "output_limit", measured.run.report
+    assert "items" in measured.run.report["error"]["message"]
+    assert 0 < measured.caller_peak_rss_mb < CALLER_MANY_ITEMS_RSS_MAX_MB, (
+        measured.caller_peak_rss_mb
+    )
     witnesses.assert_unharmed()

@@ -1,15 +1,38 @@
 """A step without network tries to reach one anyway: the Redis on loopback, DNS, the cloud
 metadata and credential endpoints, netlink, and the 32-bit system call ABIs that a seccomp
 filter written for x86_64 alone would miss. With --network the same Redis answers, which is
-what shows these tests can fail."""
+what shows these tests can fail.
+
+Unix sockets are the other way out: a datagram socketpair end could send to any Unix
+datagram socket on the host by path, and all steps without network share one network
+namespace, where an abstract name would let two customers' steps talk. Only stream
+socketpairs are left to a step, with or without network, and nothing that gives a socket an
+address or a destination."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
-from tests.hostile.conftest import RunStep, Witnesses, redis_pings
+from runnerd import settings as settings_module
+from runnerd.cli import outcome_json
+from runnerd.spawner import SandboxOptions, Spawner
+from tests.conftest import FARGATE_LAUNCHER, ROOT, runnerd_argv, runnerd_env
+from tests.hostile.conftest import OTHER_STEP_UID, RunStep, Witnesses, redis_pings
+from tests.hostile.sequence import step_spec
 
 NETWORK_STEP = """
 import errno, socket
@@ -67,6 +90,201 @@ def run(input, ctx):
 """
 
 
+# Every way to a Unix socket by path or abstract name that a step has without a socket(2) of
+# its own, and socket(2) itself; reported as errno names, "ok" where the call went through.
+UNIX_STEP = """
+import ctypes, errno, fcntl, os, socket
+
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+def attempt(action):
+    try:
+        action()
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+
+def raw(number, *args):
+    # The system call itself, so that the filter sees arguments with their high bits set.
+    if libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in args)) < 0:
+        raise OSError(ctypes.get_errno(), "syscall")
+
+def grow_pipe():
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, F_SETPIPE_SZ, 1 << 20)
+
+def grow_pipe_high_bits():
+    read_end, write_end = os.pipe()
+    raw(72, write_end, (1 << 32) | F_SETPIPE_SZ, 1 << 20)
+
+def run(input, ctx):
+    host, abstract = input["host_socket"], "\\0" + input["abstract"]
+    stream, _ = socket.socketpair()
+    flags = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+    read_end, write_end = os.pipe()
+    return {
+        "stream socketpair": attempt(lambda: socket.socketpair(socket.AF_UNIX, flags)),
+        "datagram socketpair": attempt(lambda: socket.socketpair(type=socket.SOCK_DGRAM)),
+        "seqpacket socketpair": attempt(lambda: socket.socketpair(type=socket.SOCK_SEQPACKET)),
+        "unix socket": attempt(lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)),
+        "unix socket, high bits": attempt(lambda: raw(41, (1 << 32) | 1, socket.SOCK_DGRAM, 0)),
+        "datagram pair end to host socket": attempt(
+            lambda: socket.socketpair(type=socket.SOCK_DGRAM)[0].sendto(b"hostile", host)
+        ),
+        "sendto host socket": attempt(lambda: stream.sendto(b"hostile", host)),
+        "sendmsg host socket": attempt(lambda: stream.sendmsg([b"hostile"], [], 0, host)),
+        "sendto abstract name": attempt(lambda: stream.sendto(b"hostile", abstract)),
+        "grow a pipe": attempt(grow_pipe),
+        "grow a pipe, high bits": attempt(grow_pipe_high_bits),
+        "pipe size": str(fcntl.fcntl(write_end, F_GETPIPE_SZ)),
+    }
+"""
+
+# Two steps at once on one zygote: one tries every way to own an abstract name and waits for
+# a message on it, the other keeps trying to reach that name meanwhile.
+RENDEZVOUS_STEP = """
+import ctypes, errno, socket, time
+
+WAIT_S = 3.0
+libc = ctypes.CDLL(None, use_errno=True)
+
+def attempt(action):
+    try:
+        return action()
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+
+def datagram_socket():
+    return socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+def datagram_pair_end():
+    return socket.socketpair(type=socket.SOCK_DGRAM)[0]
+
+def disconnected_datagram_pair_end():
+    # connect(2) to AF_UNSPEC drops a datagram socket's peer: then anyone may send to it.
+    end = datagram_pair_end()
+    unspec = (ctypes.c_ushort * 8)()
+    if libc.connect(end.fileno(), unspec, ctypes.sizeof(unspec)) < 0:
+        raise OSError(ctypes.get_errno(), "connect")
+    return end
+
+def stream_pair_end():
+    return socket.socketpair()[0]
+
+MAKERS = {  # the listener binds the first that works to the name
+    "datagram socket": datagram_socket,
+    "disconnected datagram socketpair": disconnected_datagram_pair_end,
+    "datagram socketpair": datagram_pair_end,
+    "stream socketpair": stream_pair_end,
+}
+
+def listen(name):
+    outcome, bound = {}, []
+    for how, make in MAKERS.items():
+        def bind():
+            s = make()
+            s.bind(name)
+            if s.type == socket.SOCK_STREAM:
+                s.listen(1)
+            bound.append(s)
+            return "ok"
+        outcome[how] = attempt(bind)
+    heard = []
+    deadline = time.monotonic() + WAIT_S
+    while bound and time.monotonic() < deadline:
+        for s in bound:
+            s.settimeout(0.05)
+            try:
+                heard.append(repr(s.accept() if s.type == socket.SOCK_STREAM else s.recv(64)))
+            except (socket.timeout, OSError):
+                pass
+    outcome["heard"] = heard
+    return outcome
+
+def speak(name):
+    outcome = {}
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        for how, make in MAKERS.items():
+            outcome[how + " sendto"] = attempt(lambda: make().sendto(b"hostile", name) and "ok")
+            outcome[how + " connect"] = attempt(lambda: make().connect(name) or "ok")
+        time.sleep(0.05)
+    return outcome
+
+def run(input, ctx):
+    name = "\\0" + input["name"]
+    return listen(name) if input["role"] == "listen" else speak(name)
+"""
+
+# A step with network binds a stream socketpair end to an abstract name of the host's network
+# namespace, and holds it: nothing can connect to it (its socket is connected already), but
+# a service of the host's that wants the name cannot have it while the step runs.
+SQUAT_STEP = """
+import socket, time
+
+def run(input, ctx):
+    end, _ = socket.socketpair()
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            end.bind("\\0" + input)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    time.sleep(2)
+    return "held"
+"""
+
+
+@pytest.fixture
+def host_datagram_socket() -> Iterator[tuple[socket.socket, str]]:
+    """A Unix datagram socket of the host's that every uid may send to: in a 0777 directory
+    outside every temp dir, itself mode 0777."""
+    directory = Path(tempfile.mkdtemp(prefix="runnerd-hostile-unix-", dir="/run"))
+    directory.chmod(0o777)
+    path = str(directory / "listener.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        listener.bind(path)
+        os.chmod(path, 0o777)
+        listener.setblocking(False)
+        yield listener, path
+    finally:
+        listener.close()
+        os.unlink(path)
+        directory.rmdir()
+
+
+def received(listener: socket.socket) -> list[bytes]:
+    messages = []
+    while True:
+        try:
+            messages.append(listener.recv(4096))
+        except BlockingIOError:
+            return messages
+
+
+def assert_reachable_by_a_slot_uid(path: str, listener: socket.socket) -> None:
+    """The control: a process of a slot uid, outside the sandbox, does reach the socket; so
+    what stops a step is the sandbox, not the file's mode."""
+    send = (
+        "import socket, sys\n"
+        "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'hi', sys.argv[1])\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", send, path], user=OTHER_STEP_UID, group=OTHER_STEP_UID, check=True
+    )
+    assert received(listener) == [b"hi"]
+
+
+def unix_input(path: str) -> str:
+    return json.dumps({"host_socket": path, "abstract": f"runnerd-hostile-{os.urandom(6).hex()}"})
+
+
 def test_step_without_network_reaches_nothing(
     run_step: RunStep, redis_port: int, witnesses: Witnesses
 ) -> None:
@@ -89,7 +307,68 @@ def test_step_with_network_reaches_the_hosts_loopback(
     assert result.exit_code == 0, result.report
     # The host's network, loopback included: what --network exposes (docs/SECURITY.md).
     assert result.output["redis"] == "ok: '+PONG\\r\\n'"
+    # ... and netlink for routes (getaddrinfo needs it), but no Unix socket and no raw one.
+    assert result.output["netlink"].startswith("ok: "), result.output
+    assert (result.output["unix"], result.output["raw"]) == ("EPERM", "EPERM")
     assert redis_pings(redis_port)
+    witnesses.assert_unharmed()
+
+
+# What a step may still do with Unix sockets, with or without network: a stream socketpair,
+# which has a peer already and takes no destination (the kernel says EISCONN).
+UNIX_OUTCOME = {
+    "stream socketpair": "ok",
+    "datagram socketpair": "EPERM",
+    "seqpacket socketpair": "EPERM",
+    "unix socket": "EPERM",
+    "unix socket, high bits": "EPERM",
+    "datagram pair end to host socket": "EPERM",
+    "sendto host socket": "EISCONN",
+    "sendmsg host socket": "EISCONN",
+    "sendto abstract name": "EISCONN",
+    "grow a pipe": "EPERM",
+    "grow a pipe, high bits": "EPERM",
+    "pipe size": "65536",
+}
+
+
+@pytest.mark.parametrize("network", [False, True], ids=["without network", "with network"])
+def test_step_cannot_reach_the_hosts_unix_sockets(
+    run_step: RunStep,
+    network: bool,
+    host_datagram_socket: tuple[socket.socket, str],
+    witnesses: Witnesses,
+) -> None:
+    listener, path = host_datagram_socket
+    assert_reachable_by_a_slot_uid(path, listener)
+
+    flags = ("--network",) if network else ()
+    result = run_step(UNIX_STEP, *flags, "--input", unix_input(path))
+
+    assert result.exit_code == 0, result.report
+    assert result.output == UNIX_OUTCOME
+    assert received(listener) == []
+    witnesses.assert_unharmed()
+
+
+def test_steps_cannot_meet_at_an_abstract_name(
+    profile: str, tmp_path: Path, witnesses: Witnesses
+) -> None:
+    step = tmp_path / "rendezvous.py"
+    step.write_text(RENDEZVOUS_STEP)
+    name = f"runnerd-hostile-{os.urandom(6).hex()}"
+    listener, speaker = run_concurrently(
+        profile, [(step, {"role": "listen", "name": name}), (step, {"role": "speak", "name": name})]
+    )
+
+    assert listener["ok"] and speaker["ok"], (listener, speaker)
+    heard = listener["output"].pop("heard")
+    # Neither end gets an address: no datagram socket, and bind refused on a stream pair end.
+    assert set(listener["output"].values()) == {"EPERM"}, listener["output"]
+    assert heard == []
+    outcome = speaker["output"]
+    assert outcome.pop("stream socketpair sendto") == "EISCONN"
+    assert set(outcome.values()) == {"EPERM"}, outcome
     witnesses.assert_unharmed()
 
 
@@ -104,3 +383,67 @@ def test_32_bit_syscall_abi_cannot_open_a_socket(
     assert result.error_type == "killed", result.report
     assert "SIGSYS" in result.report["error"]["message"]
     witnesses.assert_unharmed()
+
+
+def test_step_with_network_cannot_take_an_abstract_name_from_the_host(
+    profile: str, tmp_path: Path, witnesses: Witnesses, request: pytest.FixtureRequest
+) -> None:
+    request.applymarker(
+        pytest.mark.xfail(
+            strict=True,
+            reason="bind(2) stays allowed with network (getaddrinfo binds its netlink socket), "
+            "and the filter cannot see a socket's family: a socketpair end takes the name",
+        )
+    )
+    step = tmp_path / "squat.py"
+    step.write_text(SQUAT_STEP)
+    name = f"runnerd-hostile-{os.urandom(6).hex()}"
+    argv = runnerd_argv(profile, "run-step", str(step), "--network", "--input", json.dumps(name))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=runnerd_env())
+    taken = False
+    deadline = time.monotonic() + 20
+    while proc.poll() is None and not taken and time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as service:
+            try:
+                service.bind("\0" + name)
+            except OSError as exc:
+                taken = exc.errno == errno.EADDRINUSE
+        time.sleep(0.05)
+    proc.communicate(timeout=30)
+
+    witnesses.assert_unharmed()
+    assert not taken, "the step held an abstract name of the host's network namespace"
+
+
+# --- two steps at once on one zygote -----------------------------------------------------
+
+
+def run_concurrently(profile: str, steps: list[tuple[Path, Any]]) -> list[dict[str, Any]]:
+    """Run the steps at the same time on one Spawner (one zygote, so the steps without network
+    share its network namespace, as a daemon's concurrent steps do); their reports in order.
+    This module is the driver: run as a program, it runs the steps it is given (`_gather`)."""
+    entries = json.dumps([{"file": str(path), "input": value} for path, value in steps])
+    argv = [sys.executable, "-m", "tests.hostile.test_network", entries]
+    if profile == "fargate":
+        argv = [sys.executable, str(FARGATE_LAUNCHER), *argv]
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, env=runnerd_env(), cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports: list[dict[str, Any]] = json.loads(done.stdout)
+    return reports
+
+
+async def _gather(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    settings = settings_module.load(dict(os.environ))
+    spawner = await Spawner.start(SandboxOptions.from_settings(settings))
+    try:
+        outcomes = await asyncio.gather(*(spawner.run_step(step_spec(e)) for e in entries))
+    finally:
+        await spawner.close()
+    return [outcome_json(outcome) for outcome in outcomes]
+
+
+if __name__ == "__main__":
+    reports = asyncio.run(_gather(json.loads(sys.argv[1])))
+    sys.stdout.write(msgspec.json.encode(reports).decode() + "\n")

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.hostile.conftest import RunStep, Witnesses, run_step_measured
+from tests.hostile.conftest import SLOTS, UID_BASE, RunStep, Witnesses, run_step_measured
 
 MEMORY_PYTHON = """
 def run(input, ctx):
@@ -80,6 +81,42 @@ def run(input, ctx):
         os.waitpid(pid, 0)
     held = [int(line) for line in reports.split()]
     return {"held_mb": sum(held), "holders": len(held), "died": len(dead)}
+"""
+
+# Shmem that no process maps is in no RSS and no address space: a memfd written to...
+MEMORY_MEMFD = """
+import os
+
+def run(input, ctx):
+    fd = os.memfd_create("held")
+    chunk = b"\\1" * (1024 * 1024)
+    for _ in range(input["mb"]):
+        os.write(fd, chunk)
+    return os.fstat(fd).st_blocks * 512 // (1024 * 1024)
+"""
+
+# ... and files in /dev/shm, closed after writing, or unlinked while still open.
+MEMORY_SHM_FILES = """
+import os
+
+MB = 1024 * 1024
+
+def fill(f, mb):
+    chunk = b"\\1" * MB
+    for _ in range(mb):
+        f.write(chunk)
+
+def run(input, ctx):
+    prefix = f"/dev/shm/runnerd-hostile-{os.getuid()}"
+    if input["unlinked"]:
+        held = open(prefix, "wb", buffering=0)
+        os.unlink(prefix)
+        fill(held, input["mb_each"])
+    else:
+        for n in range(input["files"]):
+            with open(f"{prefix}-{n}", "wb", buffering=0) as f:
+                fill(f, input["mb_each"])
+    return "all written"
 """
 
 CPU_SPIN = """
@@ -201,6 +238,55 @@ def test_memory_limit_counts_every_process_of_the_step(
     if result.error_type != "memory":
         assert result.exit_code == 0, result.report
         assert result.output["held_mb"] <= 64, result.output
+
+
+def shm_files_of_steps() -> list[str]:
+    """What the slot uids own in the host's /dev/shm (the full profile's is private)."""
+    left = []
+    for entry in os.scandir("/dev/shm"):
+        if UID_BASE <= entry.stat(follow_symlinks=False).st_uid <= UID_BASE + SLOTS:
+            left.append(entry.name)
+    return left
+
+
+def test_memfd_past_the_limit(run_step: RunStep, profile: str, witnesses: Witnesses) -> None:
+    """Under the full profile the memory cgroup holds a memfd's pages; without one (Fargate)
+    memfd_create is refused, since no look from outside can tell whose memfd it is."""
+    started = time.monotonic()
+    # Each write is held by the memfd alone; the file-size limit (RLIMIT_FSIZE holds memfds
+    # too) is set above what the step writes, so that the memory limit is what stops it.
+    result = run_step(
+        MEMORY_MEMFD, "--memory-mb", "64", "--file-size-mb", "1024", "--input", '{"mb": 200}'
+    )
+
+    if profile == "fargate":
+        assert result.error_type == "exception", result.report
+        assert "Operation not permitted" in result.report["error"]["message"], result.report
+    else:
+        assert result.error_type == "memory", result.report
+    assert time.monotonic() - started < 15
+    witnesses.assert_unharmed()
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"unlinked": False, "files": 4, "mb_each": 64},
+        {"unlinked": True, "mb_each": 200},
+    ],
+    ids=["closed files", "unlinked open file"],
+)
+def test_shm_files_past_the_limit(
+    run_step: RunStep, files: dict[str, object], witnesses: Witnesses
+) -> None:
+    started = time.monotonic()
+    flags = ("--memory-mb", "64", "--file-size-mb", "256", "--tmp-mb", "512")
+    result = run_step(MEMORY_SHM_FILES, *flags, "--input", json.dumps(files))
+
+    assert result.error_type == "memory", result.report
+    assert time.monotonic() - started < 15
+    assert shm_files_of_steps() == []  # taken back with the slot
+    witnesses.assert_unharmed()
 
 
 def test_cpu_past_the_limit(run_step: RunStep, witnesses: Witnesses) -> None:

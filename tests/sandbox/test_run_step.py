@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, runnerd_argv, runnerd_env
+from tests.conftest import ROOT, run_step_file, runnerd_argv, runnerd_env
 
 
 def test_python_step_gets_input_ctx_and_returns_output(run_step) -> None:
@@ -211,3 +211,36 @@ def test_runtime_installed_under_tmp_survives_the_private_tmp(world_readable_tmp
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert '"output":42' in done.stdout
+
+
+NODE_STEP = "export function run(input) { return input; }\n"
+
+
+def test_node_step_with_a_node_the_step_uids_cannot_execute_says_why(
+    profile: str, tmp_path: Path, hidden_node: Path
+) -> None:
+    step = tmp_path / "step.mjs"
+    step.write_text(NODE_STEP)
+    result = run_step_file(profile, step, env=runnerd_env(RUNNERD_NODE_PATH=str(hidden_node)))
+
+    if profile == "full":
+        # The filesystem view binds node at its own path, behind directories of its own.
+        assert result.exit_code == 0, result.report
+        return
+    assert result.exit_code == 1
+    assert result.error_type == "sandbox", result.report
+    message = result.report["error"]["message"]
+    assert message.startswith("the child closed its channel before it was ready")
+    assert f"cannot execute node at {hidden_node}" in message
+    assert f"chmod o+x {hidden_node.parent}" in message and "RUNNERD_NODE_PATH" in message
+
+
+def test_node_step_with_a_missing_node_says_why(profile: str, tmp_path: Path) -> None:
+    step = tmp_path / "step.mjs"
+    step.write_text(NODE_STEP)
+    missing = "/nonexistent-runnerd-node/node"
+    result = run_step_file(profile, step, env=runnerd_env(RUNNERD_NODE_PATH=missing))
+
+    assert result.exit_code == 1
+    assert result.error_type == "sandbox", result.report
+    assert f"node was set to {missing}, which is not a file" in result.report["error"]["message"]
