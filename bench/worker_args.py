@@ -32,7 +32,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser, concurrency: int = 8) 
         "--uid-base",
         type=int,
         default=600_000,
-        help="first step uid (default 600000; each worker gets its own 256 uids after it)",
+        help="first step uid (default 600000; each worker gets its own slots + 1 uids after it)",
     )
 
 
