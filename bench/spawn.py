@@ -34,7 +34,8 @@ from bench.spawn_report import (
 )
 from bench.stats import Summary, aggregate, summarize
 from bench.variants import BWRAP, JS_ONE_SHOT, PY_ONE_SHOT, Fresh, Runnerd, Variant
-from runnerd.spawner import SandboxOptions, Spawner
+from runnerd.spawner import Spawner
+from runnerd.zygote_link import SandboxOptions
 
 HELP = "per-step overhead of a trivial step: runnerd cold and warm vs fresh processes"
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from runnerd.spawner import SandboxOptions, Spawner, StepSpec
+from runnerd.spawner import Spawner, StepSpec
+from runnerd.zygote_link import SandboxOptions
 from sandbox.protocol import Runtime
 
 PY_STEP = "def run(input, ctx):\n    return {'ok': True, 'n': input['n']}\n"

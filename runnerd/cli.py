@@ -17,20 +17,23 @@ from typing import Any, NoReturn
 import msgspec
 
 from runnerd import settings as settings_module
-from runnerd.errors import ConfigError, RunnerdError
+from runnerd.errors import ConfigError, RunnerdError, UsageError
 from runnerd.messages import StepOutcome
+from runnerd.outcomes import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    check_required_layers,
+    outcome_json,
+    read_json_input,
+    read_text,
+)
 from runnerd.settings import SETTINGS_HELP, Settings
-from runnerd.spawner import SandboxOptions, Spawner, StepSpec
-from sandbox import bounded
-from sandbox.bounded import DecodeLimitError
+from runnerd.spawner import Spawner, StepSpec
+from runnerd.zygote_link import SandboxOptions
 from sandbox.protocol import Capabilities, Limits, Runtime, StepError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 RUNTIMES: dict[str, Runtime] = {".py": "python", ".js": "node", ".mjs": "node", ".cjs": "node"}
-
-
-class UsageError(RunnerdError):
-    """Bad command-line usage or unreadable input; exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,25 +122,6 @@ def _settings_from(args: argparse.Namespace, environ: dict[str, str]) -> Setting
 # --- run-step ----------------------------------------------------------------------------------
 
 
-def read_json_input(value: str) -> Any:
-    """--input: JSON text, or @path to a JSON file."""
-    text = value
-    if value.startswith("@"):
-        text = _read_text(Path(value[1:]), "input file")
-    try:
-        return msgspec.json.decode(text)
-    except msgspec.DecodeError as exc:
-        raise UsageError(f"--input is not valid JSON: {exc}") from exc
-
-
-def _read_text(path: Path, what: str) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise UsageError(f"cannot read {what} {str(path)!r}: {reason}") from exc
-
-
 def step_spec_from_args(args: argparse.Namespace, exec_argv: list[str]) -> StepSpec:
     names = ("wall_s", "cpu_s", "memory_mb", "pids", "file_size_mb", "tmp_mb", "output_mb")
     for name in names:
@@ -155,32 +139,7 @@ def step_spec_from_args(args: argparse.Namespace, exec_argv: list[str]) -> StepS
     runtime = RUNTIMES.get(path.suffix)
     if runtime is None:
         raise UsageError(f"{args.step}: unknown step kind; use .py, .js, .mjs or --exec")
-    return StepSpec(runtime, path.name, _read_text(path, "step file"), data, limits)
-
-
-def decode_output(outcome: StepOutcome) -> tuple[Any, StepError | None]:
-    """A step's output decoded, and its error. The step wrote that msgpack, so it is decoded
-    within sandbox/bounded.py's bounds: past them (or not msgpack at all) the output is not
-    built, and the step counts as failed, with `output_limit` (or `protocol`)."""
-    if not outcome.ok:
-        return None, outcome.error
-    try:
-        return bounded.decode(outcome.output), None
-    except DecodeLimitError as exc:
-        return None, StepError("output_limit", f"the step's output has {exc}")
-    except msgspec.DecodeError as exc:
-        return None, StepError("protocol", f"the step's output is not valid msgpack: {exc}")
-
-
-def outcome_json(outcome: StepOutcome) -> dict[str, Any]:
-    """The run-step report: the outcome with `output` decoded (bytes become base64 in JSON);
-    `ok` is false when the output could not be decoded (see decode_output)."""
-    report = msgspec.structs.asdict(outcome)
-    output, error = decode_output(outcome)
-    report["ok"] = error is None and outcome.ok
-    report["output"] = output
-    report["error"] = msgspec.structs.asdict(error) if error else None
-    return report
+    return StepSpec(runtime, path.name, read_text(path, "step file"), data, limits)
 
 
 async def _run_step(settings: Settings, step: StepSpec) -> StepOutcome:
@@ -195,20 +154,6 @@ async def _run_step(settings: Settings, step: StepSpec) -> StepOutcome:
         return await spawner.run_step(step)
     finally:
         await spawner.close()
-
-
-def check_required_layers(settings: Settings, capabilities: Capabilities) -> str | None:
-    """In strict mode, the reason to refuse; in best-effort mode, a warning on stderr."""
-    for problem in capabilities.problems:
-        print(f"runnerd: warning: {problem}", file=sys.stderr)
-    missing = capabilities.missing(list(settings.sandbox_require))
-    if not missing:
-        return None
-    message = f"required sandbox layers missing on this host: {', '.join(missing)}"
-    if settings.sandbox_mode == "strict":
-        return f"refusing to run: {message} (RUNNERD_SANDBOX_MODE=strict)"
-    print(f"runnerd: warning: {message}; running best-effort", file=sys.stderr)
-    return None
 
 
 def cmd_run_step(args: argparse.Namespace, exec_argv: list[str], settings: Settings) -> int:

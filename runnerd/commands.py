@@ -15,12 +15,18 @@ from typing import Any
 import msgspec
 
 from runnerd import log
-from runnerd.cli import EXIT_FAILED, EXIT_OK, check_required_layers, outcome_json, read_json_input
 from runnerd.client import Client, Result
 from runnerd.daemon import Worker
 from runnerd.embedded import EmbeddedRedis
 from runnerd.errors import SandboxUnavailable
 from runnerd.messages import Integration
+from runnerd.outcomes import (
+    EXIT_FAILED,
+    EXIT_OK,
+    check_required_layers,
+    outcome_json,
+    read_json_input,
+)
 from runnerd.settings import Settings
 
 DEMO = Path(__file__).resolve().parent / "demo" / "integration.json"

@@ -39,8 +39,9 @@ from runnerd.keys import Keys
 from runnerd.messages import execution_decoder
 from runnerd.metrics import Metrics
 from runnerd.settings import Settings
-from runnerd.spawner import SandboxOptions, Spawner
+from runnerd.spawner import Spawner
 from runnerd.store import Entry, RedisClient, Store
+from runnerd.zygote_link import SandboxOptions
 
 T = TypeVar("T")
 log = logging.getLogger("runnerd.daemon")

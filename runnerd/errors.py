@@ -9,6 +9,10 @@ class ConfigError(RunnerdError):
     """A setting, flag or input file is invalid; the message names it and says what is expected."""
 
 
+class UsageError(RunnerdError):
+    """Bad command-line usage or unreadable input; exit status 2."""
+
+
 class SandboxUnavailable(RunnerdError):
     """The zygote could not start, died, or lacks layers that strict mode requires."""
 

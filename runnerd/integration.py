@@ -1,4 +1,5 @@
-"""Reading an integration file: validated with msgspec, every error naming its field.
+"""The Integration Struct, and reading an integration file: validated with msgspec, every error
+naming its field.
 
 The file format (JSON):
 
@@ -22,8 +23,39 @@ from typing import Any
 import msgspec
 
 from runnerd.errors import ConfigError
-from runnerd.messages import Integration, StepDefinition, encoder
 from sandbox.protocol import Limits, Runtime
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+class StepDefinition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A step as it travels with an execution: code inline, limits resolved."""
+
+    name: str
+    runtime: Runtime
+    filename: str
+    source: str = ""
+    argv: list[str] = []
+    limits: Limits = Limits()
+    env: dict[str, str] = {}
+
+
+class Integration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An ordered list of steps; stored in Redis once per content hash."""
+
+    name: str
+    steps: list[StepDefinition]
+    retries: int = 0
+
+    @classmethod
+    def load(cls, path: str | Path) -> Integration:
+        """Read and validate an integration JSON file (ConfigError names the bad field)."""
+        return load(path)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: str | Path = ".") -> Integration:
+        return from_dict(data, base_dir)
+
 
 RUNTIME_BY_SUFFIX: dict[str, Runtime] = {
     ".py": "python",
@@ -87,7 +119,7 @@ def from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> Integration:
 
 
 def digest(integration: Integration) -> str:
-    return hashlib.sha256(encoder.encode(integration)).hexdigest()
+    return hashlib.sha256(_encoder.encode(integration)).hexdigest()
 
 
 def _resolve(spec: IntegrationFile, base: Path, where: str) -> Integration:

@@ -4,12 +4,14 @@ caller turns into a dead letter, never a crashed loop."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
-from sandbox.protocol import NIL, Limits, Runtime, StepError
+# Integration lives beside its validation; it crosses Redis like the rest, so it is named here.
+from runnerd.integration import Integration as Integration
+from runnerd.integration import StepDefinition as StepDefinition
+from sandbox.protocol import NIL, StepError
 
 ENTRY_VERSION = 1
 ExecutionStatus = Literal["succeeded", "failed", "dead"]
@@ -33,39 +35,6 @@ class StepOutcome(msgspec.Struct, frozen=True):
     stderr_truncated: bool = False
     logs: list[str] = []
     layers: list[str] = []
-
-
-class StepDefinition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A step as it travels with an execution: code inline, limits resolved."""
-
-    name: str
-    runtime: Runtime
-    filename: str
-    source: str = ""
-    argv: list[str] = []
-    limits: Limits = Limits()
-    env: dict[str, str] = {}
-
-
-class Integration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """An ordered list of steps; stored in Redis once per content hash."""
-
-    name: str
-    steps: list[StepDefinition]
-    retries: int = 0
-
-    @classmethod
-    def load(cls, path: str | Path) -> Integration:
-        """Read and validate an integration JSON file (ConfigError names the bad field)."""
-        from runnerd import integration  # integration.py builds on these Structs
-
-        return integration.load(path)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], base_dir: str | Path = ".") -> Integration:
-        from runnerd import integration
-
-        return integration.from_dict(data, base_dir)
 
 
 class Execution(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

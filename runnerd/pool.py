@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from runnerd.spawner import Child
+    from runnerd.child_link import Child
 
 
 class WarmPool:

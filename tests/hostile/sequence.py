@@ -20,8 +20,10 @@ from typing import Any
 import msgspec
 
 from runnerd import settings as settings_module
-from runnerd.cli import RUNTIMES, outcome_json
-from runnerd.spawner import SandboxOptions, Spawner, StepSpec
+from runnerd.cli import RUNTIMES
+from runnerd.outcomes import outcome_json
+from runnerd.spawner import Spawner, StepSpec
+from runnerd.zygote_link import SandboxOptions
 
 POOL_SIZE = 2
 

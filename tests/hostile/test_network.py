@@ -28,8 +28,9 @@ import msgspec
 import pytest
 
 from runnerd import settings as settings_module
-from runnerd.cli import outcome_json
-from runnerd.spawner import SandboxOptions, Spawner
+from runnerd.outcomes import outcome_json
+from runnerd.spawner import Spawner
+from runnerd.zygote_link import SandboxOptions
 from tests.conftest import FARGATE_LAUNCHER, ROOT, runnerd_argv, runnerd_env
 from tests.hostile.conftest import OTHER_STEP_UID, RunStep, Witnesses, redis_pings
 from tests.hostile.sequence import step_spec
