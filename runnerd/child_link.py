@@ -40,6 +40,7 @@ STDIO_GRACE_S = 1.0  # after the result: how long to wait for the last of stdout
 EXIT_GRACE_S = 1.0  # after its result: how long a child may take to exit before it is killed
 LOG_LINES_MAX = 1000
 LOG_LINE_MAX = 4096
+ERROR_MESSAGE_MAX = 64 * 1024  # characters of a step's error message kept
 # A result frame is the output inside a map (type, ok, error, logs, duration_s, output): one
 # level deeper than the output, and a few items plus its log lines more.
 FRAME_DEPTH_MAX = bounded.MAX_DEPTH + 1
@@ -212,6 +213,9 @@ class Child:
         if result.ok and len(result.output) > output_max:
             message = f"output of {len(result.output)} bytes exceeds the limit of {output_max}"
             return StepResult(ok=False, error=StepError("output_limit", message))
+        if result.error is not None and len(result.error.message) > ERROR_MESSAGE_MAX:
+            cut = result.error.message[:ERROR_MESSAGE_MAX] + " [cut]"
+            result = msgspec.structs.replace(result, error=StepError(result.error.type, cut))
         if len(result.logs) > LOG_LINES_MAX or any(
             len(line) > LOG_LINE_MAX for line in result.logs
         ):
@@ -293,12 +297,26 @@ class Child:
             task.cancel()
 
 
+class _ResultHead(msgspec.Struct, tag="result"):
+    """A result frame with everything but `ok` left undecoded: what its parts weigh."""
+
+    ok: bool
+    error: msgspec.Raw = msgspec.Raw(b"")
+    logs: msgspec.Raw = msgspec.Raw(b"")
+
+
+_head_decoder: msgspec.msgpack.Decoder[_ResultHead | Ready | Compiled] = msgspec.msgpack.Decoder(
+    _ResultHead | Ready | Compiled
+)
+
+
 def _decode_frame(payload: protocol.Buffer) -> protocol.FromChild:
     """A frame from a child is written by the step's own process, so it is walked before msgspec
     builds anything from it (the logs are decoded; skipping a deep output recurses): past the
     bounds it is a DecodeLimitError, malformed a ProtocolError, never an OOM or RecursionError."""
     try:
         items = bounded.check(payload, FRAME_ITEMS_MAX, FRAME_DEPTH_MAX)
+        head = _head_decoder.decode(payload)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"undecodable message: {exc}") from exc
     except DecodeLimitError as exc:
@@ -306,6 +324,10 @@ def _decode_frame(payload: protocol.Buffer) -> protocol.FromChild:
         # documented (the frame's own are theirs plus the envelope).
         limit = bounded.MAX_ITEMS if exc.bound == "items" else bounded.MAX_DEPTH
         raise DecodeLimitError(exc.bound, limit) from exc
+    if isinstance(head, _ResultHead) and len(head.error) + len(head.logs) > RESULT_OVERHEAD:
+        # Counted items say nothing of a string's length: a 120 MB error message is one item,
+        # and 1.6 GB once decoded (one astral character makes the whole string 4 bytes a char).
+        raise DecodeLimitError("bytes", RESULT_OVERHEAD)
     message = protocol.decode_from_child(payload)
     if items > bounded.MAX_ITEMS and isinstance(message, StepResult):
         bounded.check(message.output)  # near the bound: the output alone, exactly

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -76,6 +77,7 @@ class Zygote:
         self.process = process
         self.control = control
         self.uids = uids
+        self.tmp_root = ""
         self.capabilities = Capabilities({})
         self._next_request = 0
         self._spawns: dict[int, asyncio.Future[Spawned]] = {}
@@ -122,6 +124,7 @@ class Zygote:
         )
         theirs.close()
         zygote = cls(process, ours, uids)
+        zygote.tmp_root = tmp_root
         ours.setblocking(False)
         asyncio.get_running_loop().add_reader(ours.fileno(), zygote._on_readable)
         try:
@@ -263,6 +266,9 @@ class Zygote:
         except TimeoutError:
             self.process.kill()
             await self.process.wait()
+        if self.tmp_root:
+            # The zygote removes it as it ends; not when it was killed.
+            shutil.rmtree(self.tmp_root, ignore_errors=True)
         if self.uids is not None:
             self.uids.release()  # only once nothing of ours can still run as them
 

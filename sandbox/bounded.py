@@ -40,7 +40,8 @@ CHUNK_BYTES = 1 << 20
 
 
 class DecodeLimitError(ValueError):
-    """A msgpack value passes a decoding bound. `bound` is "items" or "depth", `limit` its value;
+    """A msgpack value passes a decoding bound. `bound` is "items", "depth" or "bytes"
+    (a result frame's logs and error), `limit` its value;
     the message reads after "the value has" (e.g. "more than 2,000,000 items ...")."""
 
     def __init__(self, bound: str, limit: int) -> None:
@@ -49,6 +50,8 @@ class DecodeLimitError(ValueError):
                 f"more than {limit:,} items (msgpack objects: containers, their elements, map "
                 "keys and values), the bound on what is decoded"
             )
+        elif bound == "bytes":
+            message = f"logs and an error message of more than {limit:,} bytes together"
         else:
             message = f"containers nested deeper than {limit} levels, the bound on what is decoded"
         super().__init__(message)

@@ -34,12 +34,18 @@ GO = b"1"
 def main(plan: layers.ChildPlan, go_fd: int) -> NoReturn:
     code = EXIT_SETUP
     try:
+        parent = os.getppid()  # 0 inside a pid namespace: the zygote is outside it
         _prepare_process()
         if os.read(go_fd, 1) != GO:
             os._exit(EXIT_SETUP)
         os.close(go_fd)
         code = EXIT_LAYER
         layers.apply(plan)
+        # A change of credentials (the uid drop, the namespace root) clears the parent-death
+        # signal (prctl(2)): set it again, and leave if the zygote died before it was.
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(EXIT_SETUP)
         code = EXIT_PROTOCOL
         _run(plan)
         code = 0

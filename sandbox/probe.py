@@ -96,9 +96,9 @@ def probe(probe_uid: int, owner_pid: int, node_path: str | None = None) -> Probe
 def _probe_seccomp(probed: Probed) -> LayerStatus:
     try:
         ipc = probed.capabilities.layers["ipcns"].ok
-        memfd = probed.capabilities.layers["cgroup_memory"].ok
+        held = probed.capabilities.layers["cgroup_memory"].ok
         probed.seccomp_programs = {
-            net: seccomp_policy.build(net, ipc, memfd) for net in (False, True)
+            net: seccomp_policy.build(net, ipc, held) for net in (False, True)
         }
     except OSError as exc:
         return LayerStatus(False, f"cannot build the filter: {exc}")

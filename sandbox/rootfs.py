@@ -114,7 +114,15 @@ def runtime_paths(node_path: str) -> tuple[str, ...]:
     (a venv, pyenv), its import path (the sandbox package, site-packages, an editable
     checkout) and node's installation. Outermost only; never the root or a system tree."""
     candidates = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    candidates.update(p for p in sys.path if p)
+    package = os.path.dirname(os.path.realpath(__file__))  # sandbox/
+    checkout = os.path.dirname(package)
+    for entry in (p for p in sys.path if p):
+        if os.path.realpath(entry) == checkout and not checkout.endswith("-packages"):
+            # A source checkout on the import path (the zygote's working directory, an
+            # editable install): its packages, not its .git, caches and benchmarks.
+            candidates.update(os.path.join(checkout, name) for name in ("sandbox", "runnerd"))
+        else:
+            candidates.add(entry)
     if node_path:
         # The binary itself, not its directory: a node placed in a 0700 directory is then
         # reachable through the view's own directories (node needs nothing beside it).

@@ -107,6 +107,7 @@ AF_NETLINK = 16
 NETLINK_ROUTE = 0
 SOCK_STREAM = 1
 SOCK_FLAGS = 0o4000 | 0o2000000  # SOCK_NONBLOCK | SOCK_CLOEXEC, or'ed into the type
+SOL_SOCKET, SO_SNDBUF, SO_RCVBUF = 1, 7, 8
 F_SETPIPE_SZ = 1031
 INT_BITS = 32
 NETWORK_FAMILIES = (AF_INET, AF_INET6, AF_NETLINK)
@@ -137,15 +138,23 @@ IPC_CALLS = (
 )
 
 
-def build(network: bool, ipc: bool, memfd: bool = True) -> bytes:
+def build(network: bool, ipc: bool, memory_cgroup: bool = True) -> bytes:
     """Compile the filter for steps with or without network, with or without SysV/POSIX IPC
-    (only allowed inside the step's own IPC namespace), and with or without memfd_create
-    (refused where no memory cgroup holds a step: the memory of a memfd is in no process's
-    RSS, and another uid's fds are hidden from the daemon's memory watch), into BPF bytes."""
+    (only allowed inside the step's own IPC namespace), and with or without a memory cgroup to
+    hold what the kernel keeps for them, into BPF bytes. Without one, memfd_create and raising
+    a socket's buffers are refused: a memfd's pages are in no process's RSS (and another uid's
+    fds are hidden from the daemon's memory watch), and 64 socketpairs with 16 MB buffers each
+    held 1 GB under a 64 MB limit."""
     policy = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     deny = pyseccomp.ERRNO(errno.EPERM)
-    for name in DENIED + (() if ipc else IPC_CALLS) + (() if memfd else ("memfd_create",)):
+    unheld = () if memory_cgroup else ("memfd_create",)
+    for name in DENIED + (() if ipc else IPC_CALLS) + unheld:
         policy.add_rule(deny, name)
+    if not memory_cgroup:
+        level = pyseccomp.Arg(1, pyseccomp.MASKED_EQ, (1 << INT_BITS) - 1, SOL_SOCKET)
+        for option in (SO_SNDBUF, SO_RCVBUF):
+            name_arg = pyseccomp.Arg(2, pyseccomp.MASKED_EQ, (1 << INT_BITS) - 1, option)
+            policy.add_rule(deny, "setsockopt", level, name_arg)
     for flag in _flag_bits(syscalls.NAMESPACE_FLAGS):
         policy.add_rule(deny, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
     policy.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")

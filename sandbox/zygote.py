@@ -31,7 +31,7 @@ from typing import NoReturn
 import msgspec
 
 from sandbox import child, protocol, rootfs, syscalls, writable
-from sandbox.cleaner import Cleaner, CleanSlot
+from sandbox.cleaner import Cleaner, CleanSlot, kill_uid_range
 from sandbox.errors import ProtocolError
 from sandbox.layers import ChildPlan, cgroups, mounts, namespaces, userns, view
 from sandbox.probe import Probed, probe, probe_view
@@ -332,6 +332,14 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def sweep_files_of_range(cleaner: Cleaner, config: ZygoteConfig, dirs: list[str]) -> None:
+    """Before the first step: what an earlier instance's steps left in the writable places
+    under these uids (it died before it could take it back) goes, as at a slot's release."""
+    everyone = config.slots + 1
+    cleaner.request(CleanSlot(-1, config.uid_base, False, None, dirs, uid_count=everyone))
+    cleaner.finished()
+
+
 def _reap_everything(timeout_s: float) -> None:
     """Before the zygote exits: the steps' leftovers it killed are its children (it is their
     subreaper); unreaped, they would be handed to whatever reaps above it, as zombies."""
@@ -379,6 +387,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     control = socket.socket(fileno=control_fd)
     config = dataclasses.replace(config, node_flags=node.supported_flags(config.node_path))
     probe_uid = config.uid_base + config.slots
+    if os.geteuid() == 0:
+        kill_uid_range(config.uid_base, config.slots + 1)  # what an earlier instance left
     probed = probe(probe_uid, os.getpid(), config.node_path)
     view_root = os.path.join(config.tmp_root, "view")
     probe_view(probed, view_root, probe_uid, config.node_path)
@@ -391,7 +401,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     if not has_view or "pidns" not in probed.capabilities.available():
         trash = os.path.join(config.tmp_root, "trash")
         os.makedirs(trash, mode=0o700, exist_ok=True)
-        cleaner = Cleaner(trash)
+        cleaner = Cleaner(trash, probed.capabilities.writable_dirs)
+        if can_clean:
+            sweep_files_of_range(cleaner, config, probed.capabilities.writable_dirs)
     zygote = Zygote(control, config, probed, view_root if has_view else "", cleaner)
     signal.signal(signal.SIGTERM, lambda *_: zygote.request_stop())
     # Everything loaded so far lives as long as the zygote: out of the collector's sight, a

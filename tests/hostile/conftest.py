@@ -32,7 +32,9 @@ from tests.conftest import FARGATE_LAUNCHER, ROOT, StepRun, runnerd_argv, runner
 # clean-up would otherwise reach across the two runs, as would the leftover check below.
 UID_BASE = int(os.environ.get("RUNNERD_TEST_UID_BASE", "300000"))
 SLOTS = 256  # the default RUNNERD_SANDBOX_SLOTS
-OTHER_STEP_UID = UID_BASE + 7  # a slot uid run-step does not use: "another customer's step"
+# A step uid of another instance (the range after ours): a zygote kills every process of its own
+# range when it starts, since a claimed range can only hold what a dead instance left.
+OTHER_STEP_UID = UID_BASE + SLOTS + 8
 NOBODY = 65534
 SEQUENCE_DRIVER = Path(__file__).with_name("sequence.py")
 # SIGKILL is delivered asynchronously, and a killed step's orphans are reaped by the host's

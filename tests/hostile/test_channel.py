@@ -4,6 +4,7 @@ step's own failure, with the caller intact and its memory bounded."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -219,4 +220,50 @@ def test_forged_frame_of_many_log_lines_is_refused_unbuilt(
     assert 0 < measured.caller_peak_rss_mb < CALLER_MANY_ITEMS_RSS_MAX_MB, (
         measured.caller_peak_rss_mb
     )
+    witnesses.assert_unharmed()
+
+
+# One string is one item: a 120 MB error message passes any item count, and with one astral
+# character in it CPython builds it at 4 bytes a character (1.6 GB in the caller before).
+FORGED_LONG_TEXT = """
+import os, struct, msgspec
+from sandbox import protocol
+
+def run(input, ctx):
+    text = "\\U0001F600" + "x" * (input["mb"] * 1024 * 1024)
+    if input["where"] == "error":
+        result = protocol.StepResult(ok=False, error=protocol.StepError("exception", text))
+    else:
+        result = protocol.StepResult(ok=True, logs=[text])
+    frame = protocol.encode_frame(result)
+    view = memoryview(frame)
+    while view:
+        view = view[os.write(3, view) :]
+    os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("where", ["error", "logs"])
+def test_forged_long_error_or_log_line_is_refused_unbuilt(
+    profile: str, tmp_path: Path, where: str, witnesses: Witnesses
+) -> None:
+    step = tmp_path / "long.py"
+    step.write_text(FORGED_LONG_TEXT)
+    spec = json.dumps({"mb": 100, "where": where})
+    measured = run_step_measured(profile, step, "--input", spec, timeout_s=90)
+
+    assert measured.run.error_type == "output_limit", measured.run.report
+    assert "logs and an error message of more than" in measured.run.report["error"]["message"]
+    assert 0 < measured.caller_peak_rss_mb < CALLER_MANY_ITEMS_RSS_MAX_MB, (
+        measured.caller_peak_rss_mb
+    )
+    witnesses.assert_unharmed()
+
+
+def test_long_error_message_is_cut(run_step: RunStep, witnesses: Witnesses) -> None:
+    result = run_step("def run(input, ctx):\n    raise ValueError('x' * 1_000_000)\n")
+
+    assert result.error_type == "exception", result.report
+    assert len(result.report["error"]["message"]) < 70_000
+    assert result.report["error"]["message"].endswith("[cut]")
     witnesses.assert_unharmed()

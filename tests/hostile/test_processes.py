@@ -6,10 +6,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
-from tests.hostile.conftest import RunStep, Witnesses
+from tests.conftest import run_step_file, runnerd_argv, runnerd_env
+from tests.hostile.conftest import (
+    RunStep,
+    Witnesses,
+    step_processes,
+    wait_for_no_step_processes,
+)
 
 REFUSED = {"EPERM", "ESRCH", "EACCES", "ENOENT"}
 
@@ -200,3 +210,49 @@ def test_step_cannot_read_other_processes_command_lines(
     leaked = [name for name, text in result.output.items() if witnesses.secret in text]
     witnesses.assert_unharmed()
     assert leaked == [], f"read the argv of {leaked}"
+
+
+# Forks a process of its own in a new session, then waits: what a crashed caller leaves running.
+ORPHANING_STEP = """
+import subprocess, sys, time
+
+def run(input, ctx):
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                     start_new_session=True, stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(120)
+"""
+
+
+def test_steps_do_not_outlive_a_killed_caller(
+    profile: str, tmp_path: Path, witnesses: Witnesses
+) -> None:
+    """The uid drop clears the parent-death signal; the child sets it again, so a caller killed
+    with SIGKILL takes its steps along. What a step forked itself has no pid namespace to die
+    with under Fargate: the next instance on the range kills it before its first step."""
+    step, quick = tmp_path / "orphaning.py", tmp_path / "quick.py"
+    step.write_text(ORPHANING_STEP)
+    quick.write_text("def run(input, ctx):\n    return 'next'\n")
+    caller = subprocess.Popen(
+        runnerd_argv(profile, "run-step", str(step), "--wall-s", "120"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=runnerd_env(),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(step_processes(set(witnesses.pids.values()))) < 2:
+            assert time.monotonic() < deadline, "the step never started its process"
+            time.sleep(0.05)
+        caller.send_signal(signal.SIGKILL)
+        caller.wait()
+        if profile == "full":  # pid 1 of the step's namespace died, and all in it
+            assert wait_for_no_step_processes(set(witnesses.pids.values())) == []
+        following = run_step_file(profile, quick)
+        assert following.output == "next", following.report
+        assert wait_for_no_step_processes(set(witnesses.pids.values())) == []
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+    witnesses.assert_unharmed()
