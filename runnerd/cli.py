@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (--wait)")
     _add_setting_flags(submit)
 
+    result = commands.add_parser(
+        "result",
+        help="print an execution's result as submit --wait does (exit 0 succeeded, 1 failed "
+        "or dead, 3 no result yet)",
+    )
+    result.add_argument("execution_id", help="what submit printed")
+    result.add_argument("--wait", action="store_true", help="wait for the result")
+    result.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (--wait)")
+    _add_setting_flags(result)
+
     healthcheck = commands.add_parser(
         "healthcheck", help="exit 0 when this host's worker answers /healthz (for HEALTHCHECK)"
     )
@@ -245,7 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_healthcheck(settings)
         from runnerd import commands  # the Redis side is only imported when used
 
-        handler = {"serve": commands.serve, "submit": commands.submit, "demo": commands.demo}
+        handler = {
+            "serve": commands.serve,
+            "submit": commands.submit,
+            "result": commands.result,
+            "demo": commands.demo,
+        }
         return int(_run(handler[args.command](args, settings)))
     except (UsageError, ConfigError) as exc:
         print(f"runnerd: {exc}", file=sys.stderr)

@@ -18,10 +18,11 @@ from runnerd import log
 from runnerd.client import Client, Result
 from runnerd.daemon import Worker
 from runnerd.embedded import EmbeddedRedis
-from runnerd.errors import SandboxUnavailable
+from runnerd.errors import SandboxUnavailable, UsageError
 from runnerd.messages import Integration
 from runnerd.outcomes import (
     EXIT_FAILED,
+    EXIT_NO_RESULT,
     EXIT_OK,
     check_required_layers,
     outcome_json,
@@ -94,9 +95,51 @@ async def submit(args: argparse.Namespace, settings: Settings) -> int:
         if not args.wait:
             print(execution_id)
             return EXIT_OK
-        result = await client.wait(execution_id, timeout=args.timeout)
-    sys.stdout.write(msgspec.json.encode(result_json(result)).decode() + "\n")
-    return EXIT_OK if result.ok else EXIT_FAILED
+        return await _print_result(client, execution_id, args.timeout)
+
+
+async def result(args: argparse.Namespace, settings: Settings) -> int:
+    """`runnerd result ID [--wait]`: what `submit --wait` prints, for an execution submitted
+    earlier (or by someone else)."""
+    if args.timeout < 0:
+        raise UsageError("--timeout must not be negative")
+    async with Client.connect(
+        settings.redis_url, settings.key_prefix, settings.partitions
+    ) as client:
+        try:
+            client.keys.partition_of(args.execution_id)
+        except ValueError as exc:
+            raise UsageError(f"{exc} (RUNNERD_PARTITIONS={settings.partitions})") from None
+        if args.wait:
+            return await _print_result(client, args.execution_id, args.timeout)
+        found = await client.result(args.execution_id)
+    if found is None:
+        print(
+            f"runnerd: no result for {args.execution_id}: queued, running, unknown, or "
+            f"expired (results are kept {settings.result_ttl_s:g} s); --wait to wait for it",
+            file=sys.stderr,
+        )
+        return EXIT_NO_RESULT
+    return _write_result(found)
+
+
+async def _print_result(client: Client, execution_id: str, timeout_s: float) -> int:
+    try:
+        found = await client.wait(execution_id, timeout=timeout_s)
+    except TimeoutError:
+        print(
+            f"runnerd: no result for {execution_id} after {timeout_s:g} s: it is still queued "
+            "or running (is a worker serving this Redis, key prefix and partitions?); "
+            f"`runnerd result {execution_id} --wait` waits again",
+            file=sys.stderr,
+        )
+        return EXIT_NO_RESULT
+    return _write_result(found)
+
+
+def _write_result(found: Result) -> int:
+    sys.stdout.write(msgspec.json.encode(result_json(found)).decode() + "\n")
+    return EXIT_OK if found.ok else EXIT_FAILED
 
 
 async def demo(args: argparse.Namespace, settings: Settings) -> int:

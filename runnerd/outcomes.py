@@ -18,6 +18,7 @@ from sandbox.bounded import DecodeLimitError
 from sandbox.protocol import Capabilities, StepError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_NO_RESULT = 3  # result, submit --wait: the execution has no result (yet)
 
 
 def read_json_input(value: str) -> Any:

@@ -124,6 +124,48 @@ def test_submit_without_wait_prints_the_execution_id(
     assert result.output == {"n": 4}
 
 
+def test_result_of_a_submitted_execution(serve: ServeFactory, submit: Any, prefix: str) -> None:
+    """Submitted without waiting, then looked up: no result while no worker runs (exit 3),
+    the wait cut short by its timeout in one line (exit 3), then the result once a worker
+    has run it, as submit --wait prints it (exit 0)."""
+    env = {"REDIS_URL": SHARED_REDIS_URL, "RUNNERD_KEY_PREFIX": prefix}
+    execution_id = submit(GOOD, "--input", '{"n": 1}').stdout.strip()
+
+    pending = runnerd("result", execution_id, **env)
+    assert pending.returncode == 3 and pending.stdout == ""
+    assert "no result for " + execution_id in one_line(pending.stderr)
+    timed_out = runnerd("result", execution_id, "--wait", "--timeout", "0.5", **env)
+    assert timed_out.returncode == 3
+    assert "still queued or running" in one_line(timed_out.stderr)
+
+    serve()
+    waited = runnerd("result", execution_id, "--wait", "--timeout", "30", **env)
+    assert waited.returncode == 0, waited.stderr
+    assert json.loads(waited.stdout)["output"] == {"n": 4}
+    again = runnerd("result", execution_id, **env)
+    assert again.returncode == 0 and json.loads(again.stdout) == json.loads(waited.stdout)
+
+
+def test_result_of_a_failed_execution_exits_1(
+    serve: ServeFactory, submit: Any, prefix: str
+) -> None:
+    serve()
+    execution_id = submit(GOOD, "--input", '{"n": 60}').stdout.strip()
+    env = {"REDIS_URL": SHARED_REDIS_URL, "RUNNERD_KEY_PREFIX": prefix}
+    done = runnerd("result", execution_id, "--wait", **env)
+
+    assert done.returncode == 1, done.stderr
+    assert json.loads(done.stdout)["failed_step"] == "check"
+
+
+@pytest.mark.parametrize("args", [["not-an-id"], ["7-abc"], ["0-abc", "--timeout", "-1"]])
+def test_result_usage_errors_exit_2_in_one_line(args: list[str], prefix: str) -> None:
+    done = runnerd("result", *args, REDIS_URL=SHARED_REDIS_URL, RUNNERD_KEY_PREFIX=prefix)
+
+    assert done.returncode == 2
+    assert one_line(done.stderr).startswith("runnerd: ")
+
+
 def both_code_and_exec(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "steps": [{"name": "x", "code": "add.py", "exec": ["true"]}]}
 
