@@ -6,7 +6,9 @@ rlimits, namespaces, uid); its stderr goes straight to the captured stderr pipe.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import subprocess
 import time
@@ -23,6 +25,8 @@ from sandbox.runtimes import (
     send,
     step_environment,
 )
+
+SHOWN_STDOUT_BYTES = 64 * 1024  # the default stdio_kb: the caller keeps no more of it
 
 
 def serve(channel: socket.socket, layers: list[str], tmpdir: str, output_mb: int) -> None:
@@ -56,6 +60,7 @@ def run(request: StepRequest, tmpdir: str) -> StepResult:
     except MemoryError:
         return failure("memory", "the program's output did not fit in memory", started)
     if completed.returncode != 0:
+        _show(completed.stdout)
         return failure("exception", _exit_description(completed.returncode), started)
     if len(completed.stdout) > request.output_max:
         message = (
@@ -65,8 +70,18 @@ def run(request: StepRequest, tmpdir: str) -> StepResult:
     try:
         value = json.loads(completed.stdout) if completed.stdout.strip() else None
     except ValueError as exc:
-        return failure("exception", f"stdout is not JSON: {exc}", started)
+        _show(completed.stdout)
+        return failure("exception", f"stdout is not JSON: {exc} (what it printed: stdout)", started)
     return encode_output(value, request.output_max, started)
+
+
+def _show(printed: bytes) -> None:
+    """The program's stdout was read to be parsed; when it is not the step's output, the
+    author needs to see it: its tail goes to the captured stdout (kept to stdio_kb anyway)."""
+    view = memoryview(printed)[-SHOWN_STDOUT_BYTES:]
+    with contextlib.suppress(OSError):
+        while view:
+            view = view[os.write(1, view) :]
 
 
 def _exit_description(returncode: int) -> str:

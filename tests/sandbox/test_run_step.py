@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -125,6 +126,19 @@ def test_exec_step_failing_program(profile) -> None:
     assert done.returncode == 1
     assert "exited with status 3" in done.stdout
     assert "oops" in done.stdout  # its stderr is in the report
+
+
+@pytest.mark.parametrize(
+    "script", ["echo 'not json, but said'", "echo 'not json, but said'; exit 4"]
+)
+def test_exec_step_output_that_is_not_the_result_stays_visible(profile, script) -> None:
+    argv = runnerd_argv(profile, "run-step", "--exec", "--", "/bin/sh", "-c", script)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=runnerd_env())
+    report = json.loads(done.stdout)
+
+    assert done.returncode == 1
+    assert report["error"]["type"] == "exception"
+    assert report["stdout"] == "not json, but said\n"  # was "", hiding what it printed
 
 
 def test_exec_program_that_does_not_read_its_input(profile, tmp_path) -> None:
