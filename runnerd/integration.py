@@ -17,6 +17,7 @@ workers need no shared disk. Limits merge: defaults, then the integration's, the
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,11 @@ def _resolve_step(
             step.name, "exec", step.exec[0], argv=step.exec, limits=limits, env=step.env
         )
     if step.source is not None:
+        if step.runtime is None and _looks_like_javascript(step.source):
+            raise ConfigError(
+                f"{where}: `{at}.source` looks like JavaScript, and inline sources are Python "
+                'unless they say otherwise: add "runtime": "node"'
+            )
         return StepDefinition(
             step.name,
             step.runtime or "python",
@@ -174,6 +180,20 @@ def _resolve_step(
     return StepDefinition(
         step.name, runtime, code_path.name, source=source, limits=limits, env=step.env
     )
+
+
+_PYTHON_RUN = re.compile(r"^\s*(async\s+)?def\s+run\s*\(", re.MULTILINE)
+_JAVASCRIPT_RUN = re.compile(
+    r"^\s*(export\s+(default\s+)?(async\s+)?function|module\.exports|exports\.run\s*=)"
+    r"|\bfunction\s+run\s*\(|=>",
+    re.MULTILINE,
+)
+
+
+def _looks_like_javascript(source: str) -> bool:
+    """Without a Python `def run(` and with a JavaScript export or function: told from the
+    text alone (the caller never compiles customer code)."""
+    return _PYTHON_RUN.search(source) is None and _JAVASCRIPT_RUN.search(source) is not None
 
 
 def _merge(limits: Limits, override: LimitsOverride | None, where: str, at: str) -> Limits:

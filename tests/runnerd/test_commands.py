@@ -181,6 +181,14 @@ BAD_FILES = {
         lambda spec: {**spec, "steps": [{"name": "x", "code": "missing.py"}]},
         "`$.steps[0].code`: cannot read",
     ),
+    "inline JavaScript without a runtime": (
+        lambda spec: {
+            **spec,
+            "steps": [{"name": "js", "source": "export function run(input) { return input }"}],
+        },
+        "looks like JavaScript, and inline sources are Python unless they say otherwise: add "
+        '"runtime": "node"',
+    ),
 }
 
 
