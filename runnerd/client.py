@@ -7,9 +7,11 @@
         result = await client.wait(execution_id, timeout=30)   # .status / .output / .steps
         result = await client.run(integration, input={"n": 1}, timeout=30)
 
-A submit is one MULTI on one partition: store the integration (once per content hash), the
-input payload under its own key, and a small entry on the work stream. Waiting blocks on a
-per-execution list that the worker's completion pushes to (BLPOP), so nothing polls.
+A submit is one script on one partition: store the integration (once per content hash, sent
+only when this client has not stored it yet), the input payload under its own key, and a small
+entry on the work stream; an execution id submitted before is not enqueued again. Waiting
+blocks on a per-execution list that the worker's completion pushes to (BLPOP), so nothing
+polls.
 """
 
 from __future__ import annotations
@@ -46,6 +48,27 @@ __all__ = ["Client", "Integration", "Result"]
 
 INTEGRATION_TTL_MS = 7 * 24 * 3600 * 1000
 INPUT_TTL_MS = 7 * 24 * 3600 * 1000
+SUBMIT_INTEGRATION_MISSING = -1
+
+# One submit, atomic and idempotent. KEYS: the execution's submitted marker, the integration
+# (by digest), the input, the work stream (one partition: one hash tag). ARGV: the integration
+# ("" when this client stored it before), the input, the stream entry, the two TTLs in ms, the
+# entry's field name.
+# An execution id already submitted is not enqueued again (a retried submit whose reply was
+# lost, or a caller's own id used twice): 0. The integration is written once per digest and
+# its TTL refreshed by every submit; -1 asks for it when it was left out and is gone.
+_SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[1] == '' then
+  if redis.call('PEXPIRE', KEYS[2], ARGV[4]) == 0 then return -1 end
+elseif not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[4]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[5])
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[5])
+redis.call('XADD', KEYS[4], '*', ARGV[6], ARGV[3])
+return 1
+"""
 # A second waiter on one id may miss the wake-up, so it re-reads this often. It must also stay
 # well below the connection's socket timeout (5 s by default in redis-py), which would otherwise
 # cut a BLPOP of the same length short with a TimeoutError.
@@ -127,6 +150,7 @@ class Client:
         self.url = url
         self.keys = Keys(prefix, partitions)
         self._redis: RedisClient | None = None
+        self._stored: set[str] = set()  # integration digests this client has stored
         self._next_partition = itertools.cycle(
             random.sample(range(partitions), partitions)
         ).__next__
@@ -138,6 +162,7 @@ class Client:
 
     async def __aenter__(self) -> Client:
         self._redis = await open_redis(self.url)
+        self._submit = self._redis.register_script(_SUBMIT)
         return self
 
     async def __aexit__(
@@ -164,15 +189,20 @@ class Client:
         execution_id = execution_id or self.keys.new_execution_id(partition)
         digest = integration_module.digest(integration)
         execution = Execution(execution_id, digest, time.time())
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(
-                self.keys.integration(partition, digest),
-                encoder.encode(integration),
-                px=INTEGRATION_TTL_MS,
-            )
-            pipe.set(self.keys.input(execution_id), encoder.encode(input), px=INPUT_TTL_MS)
-            pipe.xadd(self.keys.work(partition), {ENTRY_FIELD: encoder.encode(execution)})
-            await pipe.execute()
+        keys = [
+            self.keys.submitted(execution_id),
+            self.keys.integration(partition, digest),
+            self.keys.input(execution_id),
+            self.keys.work(partition),
+        ]
+        entry, data = encoder.encode(execution), encoder.encode(input)
+        # The integration goes over the wire only when Redis does not have it already.
+        known = b"" if digest in self._stored else encoder.encode(integration)
+        rest: list[int | bytes] = [INTEGRATION_TTL_MS, INPUT_TTL_MS, ENTRY_FIELD]
+        done = await self._submit(keys=keys, args=[known, data, entry, *rest])
+        if done == SUBMIT_INTEGRATION_MISSING:
+            await self._submit(keys=keys, args=[encoder.encode(integration), data, entry, *rest])
+        self._stored.add(digest)
         return execution_id
 
     async def result(self, execution_id: str) -> Result | None:

@@ -60,6 +60,10 @@ class Keys:
     def result(self, execution_id: str) -> str:
         return self._execution(execution_id, "result")
 
+    def submitted(self, execution_id: str) -> str:
+        """Set by the submit that enqueued the execution: a second submit of the id is a no-op."""
+        return self._execution(execution_id, "submitted")
+
     def done(self, execution_id: str) -> str:
         """A list that gets one element when the result is written: waiters BLPOP it."""
         return self._execution(execution_id, "done")
