@@ -42,6 +42,9 @@ end
 redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[3], ARGV[2])
 redis.call('DEL', KEYS[4], KEYS[5])
+-- The submitted marker keeps a finished id from being enqueued again for as long as its
+-- result is kept, no longer.
+redis.call('PEXPIRE', KEYS[6], ARGV[4])
 if written then return 1 end
 return 0
 """
@@ -259,6 +262,7 @@ class Store:
                 k.work(entry.partition),
                 k.checkpoint(execution_id),
                 k.input(execution_id),
+                k.submitted(execution_id),
             ],
             args=[GROUP, entry.entry_id, encoder.encode(result), self.result_ttl_ms],
         )
