@@ -92,29 +92,38 @@ def _name(start: int, count: int) -> str:
 
 
 def _live_overlap(directory: str, start: int, count: int) -> str | None:
-    """The name of a live claim overlapping [start, start+count); stale ones are removed."""
+    """The name of a live claim overlapping [start, start+count). Stale claims (their holder
+    died, so the kernel dropped its lock) are removed on the way, overlapping or not, so that
+    killed instances leave no files behind for long."""
+    found = None
     for name in os.listdir(directory):
         parts = name.removesuffix(".lock").split("-")
         if len(parts) != 3 or parts[0] != "uids" or not (parts[1] + parts[2]).isdigit():
             continue
         other, other_count = int(parts[1]), int(parts[2])
-        if other + other_count <= start or start + count <= other:
-            continue
-        path = os.path.join(directory, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return f"uids {other}..{other + other_count - 1}"
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # its holder died: the claim is stale
-        finally:
-            os.close(fd)
-    return None
+        if _is_live(os.path.join(directory, name)):
+            overlaps = not (other + other_count <= start or start + count <= other)
+            if overlaps and found is None:
+                found = f"uids {other}..{other + other_count - 1}"
+    return found
+
+
+def _is_live(path: str) -> bool:
+    """Is the claim at `path` held? When not, it is stale and removed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _hold(path: str) -> int:

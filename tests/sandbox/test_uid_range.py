@@ -65,8 +65,14 @@ def test_a_dead_holders_claim_is_taken_over() -> None:
     holder = _hold_in_process(base, 10)
     holder.send_signal(signal.SIGKILL)
     holder.wait()
+    elsewhere = _free_base()
+    far = _hold_in_process(elsewhere, 10)
+    far.send_signal(signal.SIGKILL)
+    far.wait()
     claim = uid_range.claim(base, 10)  # the kernel dropped the lock with its holder
     assert claim.base == base
+    # A dead holder's file is removed by the next claim, even where it does not overlap.
+    assert not os.path.exists(f"/run/runnerd/uids-{elsewhere}-10.lock")
     claim.release()
 
 
