@@ -316,7 +316,8 @@ def _decode_frame(payload: protocol.Buffer) -> protocol.FromChild:
     bounds it is a DecodeLimitError, malformed a ProtocolError, never an OOM or RecursionError."""
     try:
         items = bounded.check(payload, FRAME_ITEMS_MAX, FRAME_DEPTH_MAX)
-        head = _head_decoder.decode(payload)
+        # Logs and error can only pass their bound in a frame larger than it.
+        head = _head_decoder.decode(payload) if len(payload) > RESULT_OVERHEAD else None
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"undecodable message: {exc}") from exc
     except DecodeLimitError as exc:

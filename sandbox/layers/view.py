@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 
 from sandbox import syscalls
+from sandbox.layers.mounts import TEMP_DIRS
 
-TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 READ_ONLY = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV
 
 

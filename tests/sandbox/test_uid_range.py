@@ -92,45 +92,40 @@ SLOW_STEP = "import time\ndef run(input, ctx):\n    time.sleep(4)\n    return 's
 QUICK_STEP = "def run(input, ctx):\n    return 'quick'\n"
 
 
-def test_two_run_steps_at_once_leave_each_other_alone(tmp_path: Path) -> None:
+def _slow_step_beside_a_quick_one(
+    tmp_path: Path, profile: str, env: dict[str, str]
+) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """A slow step's run-step, and a quick one's started while the slow step runs: the first's
+    stdout, and the second run whole."""
     slow, quick = tmp_path / "slow.py", tmp_path / "quick.py"
     slow.write_text(SLOW_STEP)
     quick.write_text(QUICK_STEP)
-    env = runnerd_env()
-    env.pop("RUNNERD_SANDBOX_UID_BASE", None)  # both pick their range themselves
     first = subprocess.Popen(
-        runnerd_argv("fargate", "run-step", str(slow)), stdout=subprocess.PIPE, text=True, env=env
+        runnerd_argv(profile, "run-step", str(slow)), stdout=subprocess.PIPE, text=True, env=env
     )
     time.sleep(1.5)  # the slow step is running when the second instance starts and cleans
     second = subprocess.run(
-        runnerd_argv("fargate", "run-step", str(quick)),
+        runnerd_argv(profile, "run-step", str(quick)),
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
     )
     out, _ = first.communicate(timeout=60)
+    return out, second
+
+
+def test_two_run_steps_at_once_leave_each_other_alone(tmp_path: Path) -> None:
+    env = runnerd_env()
+    env.pop("RUNNERD_SANDBOX_UID_BASE", None)  # both pick their range themselves
+    out, second = _slow_step_beside_a_quick_one(tmp_path, "fargate", env)
     assert json.loads(second.stdout)["output"] == "quick"
     assert json.loads(out)["output"] == "survived"
 
 
 def test_the_same_explicit_range_twice_is_refused_in_one_line(tmp_path: Path) -> None:
-    slow, quick = tmp_path / "slow.py", tmp_path / "quick.py"
-    slow.write_text(SLOW_STEP)
-    quick.write_text(QUICK_STEP)
     env = runnerd_env(RUNNERD_SANDBOX_UID_BASE=str(_free_base()))
-    first = subprocess.Popen(
-        runnerd_argv("full", "run-step", str(slow)), stdout=subprocess.PIPE, text=True, env=env
-    )
-    time.sleep(1.5)
-    second = subprocess.run(
-        runnerd_argv("full", "run-step", str(quick)),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    out, _ = first.communicate(timeout=60)
+    out, second = _slow_step_beside_a_quick_one(tmp_path, "full", env)
     assert json.loads(out)["output"] == "survived"
     assert second.returncode != 0
     assert "held by another runnerd" in second.stderr + second.stdout
