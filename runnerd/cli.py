@@ -198,6 +198,12 @@ def cmd_doctor(settings: Settings) -> int:
         "writable_dirs": capabilities.writable_dirs,
         "uid": os.geteuid(),
         "node": settings.node_path or None,
+        # How JS steps start: forked from the node zygote, or (and why) a node each.
+        "javascript": (
+            "forked from the node zygote"
+            if capabilities.node_forked
+            else f"a node started per step: {capabilities.node_fork_note or 'no node'}"
+        ),
     }
     sys.stdout.write(msgspec.json.format(msgspec.json.encode(report)).decode() + "\n")
     # The JSON is for programs; a person running doctor sees each problem (steps will fail)

@@ -42,6 +42,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sandbox_slots: int = 256
     pool_size: int = 2
     node_path: str = ""
+    node_fork: bool = True
 
 
 SETTINGS_HELP: dict[str, str] = {
@@ -72,6 +73,7 @@ SETTINGS_HELP: dict[str, str] = {
     "sandbox_slots": "most children alive at once (running or warm)",
     "pool_size": "warm, already-confined children kept per runtime (0: spawn on demand)",
     "node_path": "the node binary for JavaScript steps (default: `node` on PATH)",
+    "node_fork": "fork JavaScript steps from a warm node zygote (false: start a node per step)",
 }
 
 

@@ -45,12 +45,18 @@ class SandboxOptions:
     uid_base: int = 0  # 0: the first free range (sandbox/uid_range.py)
     slots: int = 256
     node_path: str = ""
+    node_fork: bool = True  # JS steps forked from a node zygote (sandbox/node_fork.py)
     python: str = sys.executable
     start_timeout_s: float = 30.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SandboxOptions:
-        return cls(settings.sandbox_uid_base, settings.sandbox_slots, settings.node_path)
+        return cls(
+            settings.sandbox_uid_base,
+            settings.sandbox_slots,
+            settings.node_path,
+            settings.node_fork,
+        )
 
 
 @dataclass
@@ -113,6 +119,7 @@ class Zygote:
             options.node_path,
             "--tmp-root",
             tmp_root,
+            *([] if options.node_fork else ["--no-node-fork"]),
         ]
         # An empty environment: the zygote's initial environment block is every child's too.
         process = await asyncio.create_subprocess_exec(

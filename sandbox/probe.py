@@ -145,7 +145,7 @@ def _step_runtime_paths(node_path: str | None) -> tuple[list[tuple[str, str, int
         ("msgspec", os.path.dirname(msgspec.__file__), _RX),
         ("the sandbox package", os.path.dirname(os.path.abspath(__file__)), _RX),
         ("the node runner", node.RUNNER, os.R_OK),
-        ("the node runner", os.path.join(os.path.dirname(node.RUNNER), "msgpack.mjs"), os.R_OK),
+        ("the node runner", os.path.join(os.path.dirname(node.RUNNER), "msgpack.cjs"), os.R_OK),
     ]
     # Everything else steps may import from: a venv's own site-packages, an editable checkout.
     needed += [("the import path", p, _RX) for p in sys.path if p and os.path.isdir(p)]

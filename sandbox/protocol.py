@@ -69,6 +69,10 @@ class Capabilities(msgspec.Struct, frozen=True):
     layers: dict[str, LayerStatus]
     problems: list[str] = []
     writable_dirs: list[str] = []
+    # How JavaScript steps start: forked from the node zygote, or a node exec'd per step, and
+    # why not forked when they are not (sandbox/node_fork.py).
+    node_forked: bool = False
+    node_fork_note: str = ""
 
     def available(self) -> list[str]:
         return sorted(name for name, status in self.layers.items() if status.ok)

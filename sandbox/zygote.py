@@ -30,10 +30,11 @@ from typing import NoReturn
 
 import msgspec
 
-from sandbox import child, protocol, rootfs, syscalls, writable
+from sandbox import child, node_fork, protocol, rootfs, syscalls, writable
 from sandbox.cleaner import Cleaner, CleanSlot, kill_uid_range
 from sandbox.errors import ProtocolError
 from sandbox.layers import ChildPlan, cgroups, mounts, namespaces, userns, view
+from sandbox.node_fork import NodeForkError, NodeZygote
 from sandbox.probe import Probed, probe, probe_view
 from sandbox.protocol import Exited, Hello, Kill, Limits, Spawn, Spawned, SpawnFailed
 from sandbox.runtimes import node
@@ -50,6 +51,7 @@ class ZygoteConfig:
     node_path: str
     tmp_root: str
     node_flags: tuple[str, ...] = ()
+    node_fork: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,7 @@ class Zygote:
         self.keep_paths = tuple(
             p for p in rootfs.runtime_paths(config.node_path) if view.under_temp_dir(p)
         )
+        self.node: NodeZygote | None = None  # where JS steps are forked from, when it works
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -137,6 +140,7 @@ class Zygote:
             self.kill(message)
 
     def shutdown(self) -> None:
+        self.stop_node()
         for pid in list(self.children):
             _kill(pid)
         for pid, record in list(self.children.items()):
@@ -176,7 +180,7 @@ class Zygote:
         plan = self.plan(request, slot, uid, fds)
         go_read, go_write = os.pipe()
         try:
-            pid = self.clone(plan)
+            pid = self.fork_node(plan, go_read) or self.clone(plan)
         except OSError as exc:
             _close_all([*fds, go_read, go_write])
             self.free_slots.append(slot)
@@ -198,6 +202,86 @@ class Zygote:
         finally:
             os.close(go_write)
         self.send(Spawned(request.request_id, pid, uid))
+
+    def fork_node(self, plan: ChildPlan, go_read: int) -> int:
+        """A JS step forked from the node zygote: its pid, or 0 to clone it here instead (a
+        node exec'd per step) when the node zygote is not in use or this fork failed."""
+        if plan.runtime != "node" or self.node is None or node_fork.unsupported(plan):
+            return 0
+        flags = namespaces.clone_flags(plan.layers)
+        recipe = node_fork.encode_recipe(plan, flags, os.getpid())
+        fds = [plan.channel_fd, plan.stdout_fd, plan.stderr_fd, go_read]
+        try:
+            return self.node.fork(recipe, fds)
+        except NodeForkError as exc:
+            print(f"zygote: JS steps now start a node each: {exc}", file=sys.stderr)
+            self.stop_node()
+        except OSError as exc:
+            print(f"zygote: a JS step starts its own node: {exc}", file=sys.stderr)
+        return 0
+
+    def start_node(self) -> None:
+        """Start the node zygote and fork one child through it that must come back confined
+        with every layer it was given; otherwise JS steps start a node each. The outcome is
+        in the capabilities doctor shows."""
+        if not self.config.node_fork or not self.config.node_path:
+            note = "turned off (RUNNERD_NODE_FORK)" if self.config.node_path else "no node"
+            self.probed.capabilities = msgspec.structs.replace(
+                self.probed.capabilities, node_fork_note=note
+            )
+            return
+        note = ""
+        try:
+            host_net = self.network.host if self.network is not None else -1
+            self.node = NodeZygote.start(self.config.node_path, self.config.node_flags, host_net)
+            self.check_node_fork(self.node)
+        except NodeForkError as exc:
+            note = str(exc)
+            self.stop_node()
+        forked = self.node is not None
+        self.probed.capabilities = msgspec.structs.replace(
+            self.probed.capabilities, node_forked=forked, node_fork_note=note
+        )
+
+    def check_node_fork(self, node: NodeZygote) -> None:
+        slot = self.config.slots  # the probe's uid, which no step uses
+        uid = self.config.uid_base + slot
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        go_read, go_write = os.pipe()
+        plan = self.plan(Spawn(0, "node", Limits()), slot, uid, [theirs.fileno(), devnull, devnull])
+        why = node_fork.unsupported(plan)
+        if why:
+            _close_all([devnull, go_read, go_write])
+            theirs.close()
+            ours.close()
+            raise NodeForkError(f"not forked here: {why}")
+        pid = 0
+        try:
+            recipe = node_fork.encode_recipe(plan, namespaces.clone_flags(plan.layers), os.getpid())
+            try:
+                pid = node.fork(recipe, [theirs.fileno(), devnull, devnull, go_read])
+            except OSError as exc:
+                raise NodeForkError(str(exc)) from exc
+            finally:
+                _close_all([devnull, go_read])
+                theirs.close()
+            if "userns" in plan.layers:
+                userns.write_id_maps(pid, uid if "uid_drop" in plan.layers else os.geteuid())
+            os.write(go_write, child.GO)
+            node_fork.check_ready(ours, plan.layers)
+        finally:
+            os.close(go_write)
+            ours.close()
+            if pid > 0:
+                _kill(pid)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+
+    def stop_node(self) -> None:
+        if self.node is not None:
+            self.node.stop()
+            self.node = None
 
     def clone(self, plan: ChildPlan) -> int:
         flags = namespaces.clone_flags(plan.layers)
@@ -261,6 +345,13 @@ class Zygote:
                 return
             record = self.children.pop(pid, None)
             if record is None:
+                if self.node is not None and pid == self.node.pid:
+                    print(
+                        "zygote: the node zygote died; JS steps now start a node each",
+                        file=sys.stderr,
+                    )
+                    self.node.control.close()
+                    self.node = None
                 continue
             cpu_s = usage.ru_utime + usage.ru_stime
             self.release(record, Exited(pid, status, cpu_s, usage.ru_maxrss, False, False))
@@ -366,8 +457,12 @@ def _parse_args(argv: list[str]) -> tuple[int, ZygoteConfig]:
     parser.add_argument("--slots", type=int, required=True)
     parser.add_argument("--node", default="")
     parser.add_argument("--tmp-root", required=True)
+    parser.add_argument("--no-node-fork", dest="node_fork", action="store_false")
     args = parser.parse_args(argv)
-    return args.control_fd, ZygoteConfig(args.uid_base, args.slots, args.node, args.tmp_root)
+    config = ZygoteConfig(
+        args.uid_base, args.slots, args.node, args.tmp_root, node_fork=args.node_fork
+    )
+    return args.control_fd, config
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -405,6 +500,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         if can_clean:
             sweep_files_of_range(cleaner, config, probed.capabilities.writable_dirs)
     zygote = Zygote(control, config, probed, view_root if has_view else "", cleaner)
+    zygote.start_node()
     signal.signal(signal.SIGTERM, lambda *_: zygote.request_stop())
     # Everything loaded so far lives as long as the zygote: out of the collector's sight, a
     # collection in the zygote or in a child never walks it, which would copy every page.

@@ -1,4 +1,4 @@
-"""JavaScript steps: the confined child becomes `node node_runner.mjs` (execve, same pid).
+"""JavaScript steps: the confined child becomes `node node_runner.cjs` (execve, same pid).
 
 Everything the child set up (namespaces, uid, rlimits, no_new_privs, seccomp) survives the
 exec, so node runs confined from its first instruction. The runner speaks the step channel on
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sandbox.layers import ChildPlan
 
-RUNNER = str(Path(__file__).with_name("node_runner.mjs"))
+RUNNER = str(Path(__file__).with_name("node_runner.cjs"))
 MB = 1024 * 1024
 
 

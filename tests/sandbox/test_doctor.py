@@ -125,14 +125,15 @@ def test_node_not_on_path_fails_doctor(tmp_path: Path) -> None:
 
 
 def test_demo_on_a_host_steps_cannot_use_says_why_and_times_nothing(hidden_node: Path) -> None:
-    # Under the Fargate profile: with a filesystem view the hidden node would be reachable.
+    # Under the Fargate profile: with a filesystem view the hidden node would be reachable;
+    # and with a node per step, not forked from the node zygote (root's), which can run it.
     process = subprocess.Popen(
         runnerd_argv("fargate", "demo", "--runs", "5"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env=runnerd_env(RUNNERD_NODE_PATH=str(hidden_node)),
+        env=runnerd_env(RUNNERD_NODE_PATH=str(hidden_node), RUNNERD_NODE_FORK="false"),
         start_new_session=True,  # its embedded redis-server and zygote go with it below
     )
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-CODEC = Path(__file__).resolve().parents[2] / "sandbox" / "runtimes" / "msgpack.mjs"
+CODEC = Path(__file__).resolve().parents[2] / "sandbox" / "runtimes" / "msgpack.cjs"
 VALUES = [
     None,
     True,

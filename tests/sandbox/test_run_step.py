@@ -235,8 +235,13 @@ def test_node_step_with_a_node_the_step_uids_cannot_execute_says_why(
 ) -> None:
     step = tmp_path / "step.mjs"
     step.write_text(NODE_STEP)
-    result = run_step_file(profile, step, env=runnerd_env(RUNNERD_NODE_PATH=str(hidden_node)))
+    # Forked from the node zygote (root's), a JS step never executes node itself.
+    forked = run_step_file(profile, step, env=runnerd_env(RUNNERD_NODE_PATH=str(hidden_node)))
+    assert forked.exit_code == 0, forked.report
 
+    # A node per step is executed by the step's uid.
+    env = runnerd_env(RUNNERD_NODE_PATH=str(hidden_node), RUNNERD_NODE_FORK="false")
+    result = run_step_file(profile, step, env=env)
     if profile == "full":
         # The filesystem view binds node at its own path, behind directories of its own.
         assert result.exit_code == 0, result.report

@@ -5,7 +5,7 @@
 const textEncoder = new TextEncoder();
 const textDecoder = new TextDecoder("utf-8", { fatal: false });
 
-export class Raw {
+class Raw {
   // Bytes that are already msgpack: written as they are (the step's encoded output).
   constructor(bytes) {
     this.bytes = bytes;
@@ -150,7 +150,7 @@ function writeValue(w, value, depth) {
   }
 }
 
-export function encode(value) {
+function encode(value) {
   const w = new Writer();
   writeValue(w, value, 0);
   return w.result();
@@ -245,9 +245,11 @@ function readValue(r, depth) {
   }
 }
 
-export function decode(bytes) {
+function decode(bytes) {
   const r = new Reader(bytes);
   const value = readValue(r, 0);
   if (r.offset !== bytes.length) throw new RangeError("trailing bytes after msgpack value");
   return value;
 }
+
+module.exports = { Raw, encode, decode };

@@ -1,20 +1,24 @@
-// The JavaScript side of the step channel (see sandbox/protocol.py): one node process, already
-// confined by the Python child that exec'd it, runs exactly one step and exits.
+// The JavaScript side of the step channel (see sandbox/protocol.py): run exactly one step in a
+// process that is already confined, then leave. Used by both ways a JS step starts: forked from
+// the node zygote (node_zygote.cjs) or as a node exec'd per step (node_runner.cjs).
 //
 // fd 3 is the step channel: we say Ready, read one StepRequest, answer one StepResult.
 // Frames are a 4-byte big-endian length and a msgpack payload.
+//
+// CommonJS, not an ES module: the zygote must load this without libuv's thread pool (an ES
+// module is read with fs.promises), whose threads would not exist in a forked child.
 
-import fs from "node:fs";
-import path from "node:path";
-import { pathToFileURL } from "node:url";
-import { Raw, decode, encode } from "./msgpack.mjs";
+"use strict";
+
+const fs = require("node:fs");
+const path = require("node:path");
+const { pathToFileURL } = require("node:url");
+const { Raw, decode, encode } = require("./msgpack.cjs");
 
 const CHANNEL = 3;
 const LOG_LINES_MAX = 1000;
 const LOG_LINE_MAX = 4096;
-const tmpdir = process.env.RUNNERD_TMPDIR || "/tmp";
-const layers = (process.env.RUNNERD_LAYERS || "").split(",").filter(Boolean);
-const outputMax = Number(process.env.RUNNERD_OUTPUT_MAX || 128 * 1024 * 1024);
+const REQUEST_OVERHEAD = 64 * 1024 * 1024;
 
 function readExactly(n) {
   const buffer = Buffer.allocUnsafe(n);
@@ -59,7 +63,7 @@ function isModule(filename, source) {
   return /^\s*export\s/m.test(source);
 }
 
-async function loadStep(request) {
+async function loadStep(request, tmpdir) {
   const extension = isModule(request.filename, request.source) ? ".mjs" : ".cjs";
   const file = path.join(tmpdir, `step-${process.pid}${extension}`);
   fs.writeFileSync(file, request.source);
@@ -69,31 +73,46 @@ async function loadStep(request) {
   return run;
 }
 
-function failure(type, message, started, lines) {
-  return { type: "result", ok: false, output: null, error: { type, message }, logs: lines, duration_s: seconds(started) };
-}
-
 function seconds(started) {
   return Number(process.hrtime.bigint() - started) / 1e9;
 }
 
-async function runStep(request) {
+function failure(type, message, started, lines) {
+  return { type: "result", ok: false, output: null, error: { type, message }, logs: lines, duration_s: seconds(started) };
+}
+
+function describe(err) {
+  return err instanceof Error ? `${err.name}: ${err.message}\n${err.stack ?? ""}`.trimEnd() : `thrown: ${String(err)}`;
+}
+
+// An error thrown in a callback or a promise nobody awaited ends the step as an exception,
+// as one thrown by run() does (node's own handler would end the process without a result).
+function escapedErrors() {
+  let fail;
+  const escaped = new Promise((_, reject) => { fail = reject; });
+  escaped.catch(() => {});
+  process.on("uncaughtException", (err) => fail(err));
+  process.on("unhandledRejection", (err) => fail(err));
+  return escaped;
+}
+
+async function runStep(request, config) {
   const started = process.hrtime.bigint();
   const { log, lines } = makeLog();
+  const escaped = escapedErrors();
   let value;
   try {
-    const run = await loadStep(request);
+    const run = await Promise.race([loadStep(request, config.tmpdir), escaped]);
     const ctx = {
       execution_id: request.context?.execution_id ?? "",
       step: request.context?.step ?? "",
       attempt: request.context?.attempt ?? 1,
-      tmpdir,
+      tmpdir: config.tmpdir,
       log,
     };
-    value = await run(request.input, ctx);
+    value = await Promise.race([run(request.input, ctx), escaped]);
   } catch (err) {
-    const message = err instanceof Error ? `${err.name}: ${err.message}\n${err.stack ?? ""}` : `thrown: ${String(err)}`;
-    return failure("exception", message.trimEnd(), started, lines);
+    return failure("exception", describe(err), started, lines);
   }
   let output;
   try {
@@ -101,15 +120,17 @@ async function runStep(request) {
   } catch (err) {
     return failure("exception", `output is not msgpack-serializable: ${err.message}`, started, lines);
   }
-  if (output.length > Math.min(outputMax, request.output_max ?? outputMax)) {
-    return failure("output_limit", `output of ${output.length} bytes exceeds the limit of ${request.output_max}`, started, lines);
+  const limit = Math.min(config.outputMax, request.output_max ?? config.outputMax);
+  if (output.length > limit) {
+    return failure("output_limit", `output of ${output.length} bytes exceeds the limit of ${limit}`, started, lines);
   }
   return { type: "result", ok: true, output: new Raw(output), error: null, logs: lines, duration_s: seconds(started) };
 }
 
-function enterEnvironment(request) {
+function enterEnvironment(request, tmpdir) {
   for (const key of Object.keys(process.env)) delete process.env[key];
   Object.assign(process.env, { PATH: "/usr/local/bin:/usr/bin:/bin", HOME: tmpdir, TMPDIR: tmpdir, LANG: "C.UTF-8" }, request.env ?? {});
+  process.chdir(tmpdir);
 }
 
 function releaseStdio() {
@@ -120,20 +141,23 @@ function releaseStdio() {
   }
 }
 
-async function main() {
-  writeFrame({ type: "ready", layers });
-  const request = readFrame(outputMax + 64 * 1024 * 1024);
-  if (request.type !== "request") throw new Error(`expected a request, got ${request.type}`);
-  enterEnvironment(request);
-  const result = await runStep(request);
-  releaseStdio();
-  writeFrame(result);
-  process.exit(0);
+// config: { layers: [names], tmpdir, outputMax, exit(code) }
+async function serveOneStep(config) {
+  try {
+    writeFrame({ type: "ready", layers: config.layers });
+    const request = readFrame(config.outputMax + REQUEST_OVERHEAD);
+    if (request.type !== "request") throw new Error(`expected a request, got ${request.type}`);
+    enterEnvironment(request, config.tmpdir);
+    const result = await runStep(request, config);
+    releaseStdio();
+    writeFrame(result);
+    config.exit(0);
+  } catch (err) {
+    try {
+      writeFrame({ type: "result", ok: false, output: null, error: { type: "protocol", message: String(err?.message ?? err) }, logs: [] });
+    } catch { /* the channel is gone: the caller sees the exit */ }
+    config.exit(72);
+  }
 }
 
-main().catch((err) => {
-  try {
-    writeFrame({ type: "result", ok: false, output: null, error: { type: "protocol", message: String(err?.message ?? err) }, logs: [] });
-  } catch { /* the channel is gone: the caller sees the exit */ }
-  process.exit(72);
-});
+module.exports = { serveOneStep };

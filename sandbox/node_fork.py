@@ -1,0 +1,243 @@
+"""The Python zygote's side of the node zygote: build the addon, start node once, fork through it.
+
+A JavaScript step forked from a warm node costs a few milliseconds instead of a node start
+(70-100 ms of CPU). The node zygote (runtimes/node_zygote.cjs, with runtimes/node_fork.c)
+is a child of this zygote, in its namespaces, and is told for each JS step what this zygote
+would give a Python child: the clone flags, the layers, the rlimits, the seccomp program, the
+view. It forks, and the step child is reparented here, so this zygote reaps it, maps its ids,
+puts it in its slot's cgroups and says go, as for any child (see sandbox/zygote.py).
+
+Where the addon cannot be built or loaded, or the first fork through it does not come back
+confined and Ready, JS steps run as before (a node exec'd per step) and `runnerd doctor` says
+why. Decided here, once, when the zygote starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import select
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandbox import protocol
+from sandbox.errors import ProtocolError
+from sandbox.layers import ALL_LAYERS, ChildPlan, rlimits
+from sandbox.protocol import Ready
+
+RUNTIMES = Path(__file__).with_name("runtimes")
+SOURCE = RUNTIMES / "node_fork.c"
+ZYGOTE_SCRIPT = RUNTIMES / "node_zygote.cjs"
+CACHE_DIR = "/run/runnerd"  # root's, as the uid claims are; used when the package is read-only
+MAGIC = 0x31464E52  # "RNF1", as RECIPE_MAGIC in node_fork.c
+# The heap and compile work of V8 on the main thread only: no platform worker threads, whose
+# absence in a forked child would hang whatever waited for them.
+NODE_FLAGS = ("--single-threaded", "--v8-pool-size=0")
+# The zygote's environment is empty; the compiler finds its linker on PATH.
+BUILD_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C"}
+REPLY_TIMEOUT_S = 5.0
+START_TIMEOUT_S = 15.0
+MB = 1024 * 1024
+
+
+class NodeForkError(Exception):
+    """The fork path is unusable: a readable reason, which doctor shows."""
+
+
+# --- the addon ------------------------------------------------------------------------------
+
+
+def addon_name() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    return f"node_fork-{digest}.node"
+
+
+def build(directory: str) -> str:
+    """Compile the addon into `directory` (atomically) and return its path. N-API is a stable
+    ABI, so one build serves every node version; the name carries the source's hash, so a
+    build of other source is never loaded."""
+    compiler = shutil.which("cc", path=BUILD_ENV["PATH"])
+    if compiler is None:
+        raise NodeForkError("no C compiler (cc) to build the node fork addon")
+    target = os.path.join(directory, addon_name())
+    partial = f"{target}.{os.getpid()}.partial"
+    argv = [compiler, "-O2", "-Wall", "-shared", "-fPIC", "-o", partial, str(SOURCE)]
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=120, check=False, env=BUILD_ENV
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NodeForkError(f"building the node fork addon failed: {exc}") from exc
+    if done.returncode != 0:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        first = (done.stderr.strip().splitlines() or ["no output"])[0]
+        raise NodeForkError(f"building the node fork addon failed: {first}")
+    os.chmod(partial, 0o755)
+    os.replace(partial, target)
+    return target
+
+
+def locate_or_build() -> str:
+    """The addon beside the sources (built there by an image build or an earlier run), else one
+    built now, beside the sources when that directory is writable, else under CACHE_DIR."""
+    for directory in (str(RUNTIMES), CACHE_DIR):
+        path = os.path.join(directory, addon_name())
+        if os.path.exists(path):
+            _check_trusted(path)
+            return path
+    for directory in (str(RUNTIMES), CACHE_DIR):
+        with contextlib.suppress(OSError):
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        if os.access(directory, os.W_OK):
+            path = build(directory)
+            _check_trusted(path)
+            return path
+    raise NodeForkError(f"nowhere to build the node fork addon ({RUNTIMES} and {CACHE_DIR})")
+
+
+def _check_trusted(path: str) -> None:
+    """Code every JS child runs: only if no one but its owner (us or root) could have written
+    it or replaced it."""
+    for item in (path, os.path.dirname(path)):
+        info = os.stat(item)
+        if info.st_uid not in (0, os.geteuid()) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise NodeForkError(f"{item} is writable by others: not loading the node fork addon")
+
+
+# --- the recipe -----------------------------------------------------------------------------
+
+
+def unsupported(plan: ChildPlan) -> str:
+    """Why this plan cannot be forked from the node zygote ("" when it can). The C recipe
+    covers the two profiles that occur: a filesystem view, or no mount namespace at all."""
+    if "mountns" in plan.layers and "fs_view" not in plan.layers:
+        return "a mount namespace without the filesystem view"
+    if plan.keep_paths and "mountns" in plan.layers:
+        return "runtime files under a temp dir"
+    return ""
+
+
+def encode_recipe(plan: ChildPlan, clone_flags: int, parent_pid: int) -> bytes:
+    """The layout node_fork.c `decode_recipe` reads: little-endian u32s, rlimits as
+    (u32 resource, u64 soft, u64 hard), then length-prefixed seccomp program, view root and
+    the JSON the JavaScript side reads."""
+    bits = 0
+    for name in plan.layers:
+        bits |= 1 << ALL_LAYERS.index(name)
+    table = rlimits.table(plan.limits, "node", "cgroup_pids" in plan.layers)
+    extra = json.dumps(
+        {
+            "layers": sorted(plan.layers),
+            "tmpdir": plan.tmpdir,
+            "output_max": plan.limits.output_mb * MB,
+        }
+    ).encode()
+    parts = [
+        struct.pack(
+            "<8I",
+            MAGIC,
+            clone_flags,
+            bits,
+            plan.uid,
+            parent_pid,
+            plan.limits.tmp_mb,
+            int(plan.limits.network),
+            len(table),
+        )
+    ]
+    for which, value in table:
+        hard = value + 1 if which == resource.RLIMIT_CPU else value
+        parts.append(struct.pack("<IQQ", which, value, hard))
+    for blob in (plan.seccomp_program, plan.view_root.encode(), extra):
+        parts.append(struct.pack("<I", len(blob)) + blob)
+    return b"".join(parts)
+
+
+# --- the node zygote ------------------------------------------------------------------------
+
+
+@dataclass
+class NodeZygote:
+    process: subprocess.Popen[bytes]
+    control: socket.socket
+
+    @classmethod
+    def start(cls, node_path: str, node_flags: tuple[str, ...], host_net: int) -> NodeZygote:
+        """Start node with an empty environment; it serves once the runner is loaded."""
+        if not node_path:
+            raise NodeForkError("no node")
+        addon = locate_or_build()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        keep = [theirs.fileno()] + ([host_net] if host_net >= 0 else [])
+        argv = [
+            node_path,
+            *NODE_FLAGS,
+            *node_flags,
+            str(ZYGOTE_SCRIPT),
+            addon,
+            str(theirs.fileno()),
+            str(host_net),
+        ]
+        try:
+            process = subprocess.Popen(
+                argv, env={}, cwd="/", pass_fds=keep, stdin=subprocess.DEVNULL
+            )
+        except OSError as exc:
+            ours.close()
+            raise NodeForkError(f"node zygote: {exc.strerror}") from exc
+        finally:
+            theirs.close()
+        return cls(process, ours)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def fork(self, recipe: bytes, fds: list[int]) -> int:
+        """Fork one step child; returns its pid. OSError when this one could not be forked;
+        NodeForkError when the node zygote is gone or stuck (the caller stops using it)."""
+        try:
+            socket.send_fds(self.control, [recipe], fds)
+            ready, _, _ = select.select([self.control], [], [], REPLY_TIMEOUT_S)
+            if not ready:
+                raise NodeForkError("the node zygote did not answer a fork")
+            reply = self.control.recv(256)
+        except OSError as exc:
+            raise NodeForkError(f"the node zygote is gone: {exc.strerror or exc}") from exc
+        if len(reply) < 4:
+            raise NodeForkError("the node zygote is gone")
+        pid: int = struct.unpack("<i", reply[:4])[0]
+        if pid <= 0:
+            message = reply[4:].decode(errors="replace") or os.strerror(-pid)
+            raise OSError(-pid, f"node fork: {message}")
+        return pid
+
+    def stop(self) -> None:
+        self.control.close()  # it exits when its control socket closes
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+
+
+def check_ready(channel: socket.socket, expected_layers: frozenset[str]) -> None:
+    """The first forked child must say Ready with exactly the layers it was given."""
+    channel.settimeout(START_TIMEOUT_S)
+    try:
+        message = protocol.decode_from_child(protocol.read_frame(channel, protocol.SMALL_FRAME_MAX))
+    except (OSError, ProtocolError) as exc:
+        raise NodeForkError(f"the first forked JS child did not start: {exc}") from exc
+    if isinstance(message, protocol.StepResult) and message.error is not None:
+        raise NodeForkError(f"the first forked JS child failed: {message.error.message}")
+    if not isinstance(message, Ready):
+        raise NodeForkError("the first forked JS child sent no Ready")
+    if frozenset(message.layers) != expected_layers:
+        missing = sorted(expected_layers - set(message.layers))
+        raise NodeForkError(f"the first forked JS child lacks layers: {', '.join(missing)}")

@@ -1,0 +1,13 @@
+// A node started for one step (the path without the node zygote): the Python child that exec'd
+// it confined it first, and passed what the step runner needs in the environment.
+
+"use strict";
+
+const { serveOneStep } = require("./step_runner.cjs");
+
+serveOneStep({
+  layers: (process.env.RUNNERD_LAYERS || "").split(",").filter(Boolean),
+  tmpdir: process.env.RUNNERD_TMPDIR || "/tmp",
+  outputMax: Number(process.env.RUNNERD_OUTPUT_MAX || 128 * 1024 * 1024),
+  exit: (code) => process.exit(code),
+});

@@ -1,0 +1,44 @@
+// The node zygote: node started once, with the step runner loaded, forking one confined child
+// per JavaScript step (sandbox/runtimes/node_fork.c does the fork and the confinement).
+//
+//   node --single-threaded --v8-pool-size=0 node_zygote.cjs ADDON CONTROL_FD HOST_NET_FD
+//
+// The zygote loads only the runner: whatever it loaded or ran, every child would share. It
+// never calls Math.random or crypto (their state would be copied into every child), and it
+// never touches libuv's thread pool (see step_runner.cjs).
+
+"use strict";
+
+const crypto = require("node:crypto");
+const { serveOneStep } = require("./step_runner.cjs");
+
+const [addonPath, controlFd, hostNetFd] = process.argv.slice(2);
+const addon = require(addonPath);
+
+// Only a step child gets past this line, confined, with its event loop its own.
+const plan = JSON.parse(addon.serve(Number(controlFd), Number(hostNetFd)));
+
+freshProcessState();
+serveOneStep({ layers: plan.layers, tmpdir: plan.tmpdir, outputMax: plan.output_max, exit: addon.exit });
+
+// What a copy of the zygote would otherwise share with every other child.
+function freshProcessState() {
+  process.argv.splice(2); // the zygote's own arguments (its addon, its fds) are not the step's
+  // process.pid was read once, when node started: it is the zygote's.
+  Object.defineProperty(process, "pid", { value: addon.getpid(), writable: false, enumerable: true, configurable: true });
+  // V8's Math.random state is the zygote's in every child: the same sequence for each step.
+  // This one draws from the kernel (through OpenSSL, which reseeds itself in a new process).
+  const pool = new Uint32Array(1024);
+  let next = pool.length;
+  Object.defineProperty(Math, "random", {
+    value: function random() {
+      if (next + 2 > pool.length) { crypto.getRandomValues(pool); next = 0; }
+      const high = pool[next++] >>> 5; // 27 bits
+      const low = pool[next++] >>> 6;  // 26 bits
+      return (high * 67108864 + low) / 9007199254740992;
+    },
+    writable: true, enumerable: false, configurable: true,
+  });
+  // node's own exit would join threads that only the zygote has.
+  process.reallyExit = (code) => addon.exit(code ?? 0);
+}
