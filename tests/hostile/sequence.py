@@ -36,11 +36,7 @@ def step_spec(entry: dict[str, Any]) -> StepSpec:
 
 async def run_all(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     settings = settings_module.load(dict(os.environ))
-    options = SandboxOptions(
-        uid_base=settings.sandbox_uid_base,
-        slots=settings.sandbox_slots,
-        node_path=settings.node_path,
-    )
+    options = SandboxOptions.from_settings(settings)
     spawner = await Spawner.start(options, pool_size=POOL_SIZE)
     reports = []
     try:

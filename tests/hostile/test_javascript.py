@@ -1,6 +1,6 @@
-"""The process, network and secret attacks again, from a JavaScript step: node is exec'd by the
-confined child, so it must hold every layer the Python steps hold (and it is dumpable after
-exec, unlike a Python step, so /proc/self is open to it)."""
+"""The process, network and secret attacks again, from a JavaScript step (forked from the node
+zygote, or a node exec'd per step where that is off): it must hold every layer the Python steps
+hold. test_node_fork.py tries what a fork of one warm node could share."""
 
 from __future__ import annotations
 
