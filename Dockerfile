@@ -11,11 +11,18 @@
 FROM node:20-bookworm-slim AS node
 
 FROM python:3.11-slim-bookworm AS build
+# A C compiler for the node fork addon (JavaScript steps forked from a warm node zygote); only
+# the built addon goes into the image.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc=4:12.* libc6-dev=2.36-* \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY runnerd ./runnerd
 COPY sandbox ./sandbox
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+    && pip install --no-cache-dir /wheels/*.whl \
+    && python -m sandbox.node_fork build /addon
 
 FROM python:3.11-slim-bookworm
 # libseccomp2 backs the seccomp layer; python3 on PATH serves exec steps that call it.
@@ -25,6 +32,7 @@ RUN apt-get update \
 COPY --from=node /usr/local/bin/node /usr/local/bin/node
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+COPY --from=build /addon/ /usr/local/lib/python3.11/site-packages/sandbox/runtimes/
 ENV RUNNERD_SANDBOX_MODE=strict \
     RUNNERD_HTTP_PORT=8080 \
     RUNNERD_DRAIN_S=25 \

@@ -25,6 +25,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,3 +242,23 @@ def check_ready(channel: socket.socket, expected_layers: frozenset[str]) -> None
     if frozenset(message.layers) != expected_layers:
         missing = sorted(expected_layers - set(message.layers))
         raise NodeForkError(f"the first forked JS child lacks layers: {', '.join(missing)}")
+
+
+def main(argv: list[str]) -> int:
+    """`python -m sandbox.node_fork build [DIR]`: build the addon ahead of time (an image build
+    does, so that a container with a read-only root and no compiler has it)."""
+    if not argv or argv[0] != "build" or len(argv) > 2:
+        print("usage: python -m sandbox.node_fork build [DIR]", file=sys.stderr)
+        return 2
+    directory = argv[1] if len(argv) == 2 else str(RUNTIMES)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        print(build(directory))
+    except (NodeForkError, OSError) as exc:
+        print(f"sandbox.node_fork: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -29,3 +29,22 @@ def test_child_path_stays_auditable() -> None:
     files = [ROOT / "sandbox" / "child.py", *sorted(layers)]
     total = sum(len(path.read_text().splitlines()) for path in files)
     assert total < 600, f"the child path grew to {total} lines"
+
+
+def test_the_forked_js_child_path_stays_auditable() -> None:
+    """The node zygote's C half (the fork and the same recipe, in C) and the JavaScript that
+    runs in the child before the step's code stay small too."""
+    runtimes = ROOT / "sandbox" / "runtimes"
+    files = [runtimes / "node_fork.c", runtimes / "node_zygote.cjs", runtimes / "step_runner.cjs"]
+    total = sum(len(path.read_text().splitlines()) for path in files)
+    assert total < 750, f"the forked JS child path grew to {total} lines"
+
+
+def test_the_c_recipe_names_the_layers_in_the_python_order() -> None:
+    """node_fork.c numbers the layers by their place in ALL_LAYERS (the recipe's bit mask)."""
+    from sandbox.layers import ALL_LAYERS
+
+    source = (ROOT / "sandbox" / "runtimes" / "node_fork.c").read_text()
+    block = source.split("LAYER_NAMES[] = {", 1)[1].split("};", 1)[0]
+    names = tuple(part.strip().strip('"') for part in block.split(",") if part.strip())
+    assert names == ALL_LAYERS

@@ -47,7 +47,7 @@ export function run() {
     math: [Math.random(), Math.random(), Math.random()],
     bytes: crypto.randomBytes(16).toString("hex"),
     uuid: crypto.randomUUID(),
-    web: Buffer.from(globalThis.crypto.getRandomValues(new Uint8Array(16))).toString("hex"),
+    web: Buffer.from(crypto.webcrypto.getRandomValues(new Uint8Array(16))).toString("hex"),
     fds,
   };
 }
