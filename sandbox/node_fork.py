@@ -26,6 +26,7 @@ import stat
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,7 +173,9 @@ class NodeZygote:
     control: socket.socket
 
     @classmethod
-    def start(cls, node_path: str, node_flags: tuple[str, ...], host_net: int) -> NodeZygote:
+    def start(
+        cls, node_path: str, node_flags: tuple[str, ...], host_net: int, heap_mb: int
+    ) -> NodeZygote:
         """Start node with an empty environment; it serves once the runner is loaded."""
         if not node_path:
             raise NodeForkError("no node")
@@ -182,6 +185,7 @@ class NodeZygote:
         argv = [
             node_path,
             *NODE_FLAGS,
+            f"--max-old-space-size={heap_mb}",
             *node_flags,
             str(ZYGOTE_SCRIPT),
             addon,
@@ -226,6 +230,71 @@ class NodeZygote:
         self.control.close()  # it exits when its control socket closes
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()
+
+
+def heap_mb(memory_mb: int) -> int:
+    """V8's heap limit for a step, as a node per step gets it (sandbox/runtimes/node.py)."""
+    return max(16, memory_mb * 3 // 4)
+
+
+class NodeForks:
+    """The node zygotes of one Python zygote: one per heap limit in use (V8 fixes the limit
+    when node starts), at most ZYGOTES_MAX; steps of further limits start a node each. Each
+    new one must pass `check` (a first child, confined and Ready) before it serves. Once one
+    fails to start or dies, none is used again: a node per step is the known-good path."""
+
+    ZYGOTES_MAX = 4
+
+    def __init__(
+        self,
+        node_path: str,
+        node_flags: tuple[str, ...],
+        host_net: int,
+        check: Callable[[NodeZygote], None],
+    ) -> None:
+        self.node_path, self.node_flags, self.host_net = node_path, node_flags, host_net
+        self.check = check
+        self.zygotes: dict[int, NodeZygote] = {}
+        self.broken = ""  # why the fork path is off, once it is
+
+    def for_plan(self, plan: ChildPlan) -> NodeZygote | None:
+        if self.broken or unsupported(plan):
+            return None
+        heap = heap_mb(plan.limits.memory_mb)
+        zygote = self.zygotes.get(heap)
+        if zygote is None and len(self.zygotes) < self.ZYGOTES_MAX:
+            zygote = self.start(heap)
+        return zygote
+
+    def start(self, heap: int) -> NodeZygote | None:
+        zygote = None
+        try:
+            zygote = NodeZygote.start(self.node_path, self.node_flags, self.host_net, heap)
+            self.check(zygote)
+        except NodeForkError as exc:
+            self.broken = str(exc)
+            if zygote is not None:
+                zygote.stop()
+            return None
+        self.zygotes[heap] = zygote
+        return zygote
+
+    def fail(self, reason: str) -> None:
+        """The fork path is off from now on."""
+        self.broken = reason
+        self.stop()
+
+    def lost(self, pid: int) -> bool:
+        """A reaped pid: was it one of ours? Then the fork path is off."""
+        if not any(zygote.pid == pid for zygote in self.zygotes.values()):
+            return False
+        self.fail("a node zygote died")
+        return True
+
+    def stop(self) -> None:
+        for zygote in self.zygotes.values():
+            zygote.stop()
+        self.zygotes.clear()
 
 
 def check_ready(channel: socket.socket, expected_layers: frozenset[str]) -> None:

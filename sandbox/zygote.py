@@ -34,7 +34,7 @@ from sandbox import child, node_fork, protocol, rootfs, syscalls, writable
 from sandbox.cleaner import Cleaner, CleanSlot, kill_uid_range
 from sandbox.errors import ProtocolError
 from sandbox.layers import ChildPlan, cgroups, mounts, namespaces, userns, view
-from sandbox.node_fork import NodeForkError, NodeZygote
+from sandbox.node_fork import NodeForkError, NodeForks, NodeZygote
 from sandbox.probe import Probed, probe, probe_view
 from sandbox.protocol import Exited, Hello, Kill, Limits, Spawn, Spawned, SpawnFailed
 from sandbox.runtimes import node
@@ -94,7 +94,7 @@ class Zygote:
         self.keep_paths = tuple(
             p for p in rootfs.runtime_paths(config.node_path) if view.under_temp_dir(p)
         )
-        self.node: NodeZygote | None = None  # where JS steps are forked from, when it works
+        self.node: NodeForks | None = None  # where JS steps are forked from, when it works
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -204,43 +204,48 @@ class Zygote:
         self.send(Spawned(request.request_id, pid, uid))
 
     def fork_node(self, plan: ChildPlan, go_read: int) -> int:
-        """A JS step forked from the node zygote: its pid, or 0 to clone it here instead (a
-        node exec'd per step) when the node zygote is not in use or this fork failed."""
-        if plan.runtime != "node" or self.node is None or node_fork.unsupported(plan):
+        """A JS step forked from a node zygote: its pid, or 0 to clone it here instead (a node
+        exec'd per step) when no node zygote serves this plan or the fork failed cleanly."""
+        zygote = self.node.for_plan(plan) if plan.runtime == "node" and self.node else None
+        if zygote is None:
             return 0
-        flags = namespaces.clone_flags(plan.layers)
-        recipe = node_fork.encode_recipe(plan, flags, os.getpid())
+        recipe = node_fork.encode_recipe(plan, namespaces.clone_flags(plan.layers), os.getpid())
         fds = [plan.channel_fd, plan.stdout_fd, plan.stderr_fd, go_read]
         try:
-            return self.node.fork(recipe, fds)
+            return zygote.fork(recipe, fds)
         except NodeForkError as exc:
+            # No answer: a child may hold these fds already, so they go to no other child.
+            assert self.node is not None
+            self.node.fail(str(exc))
             print(f"zygote: JS steps now start a node each: {exc}", file=sys.stderr)
-            self.stop_node()
+            raise OSError(0, str(exc)) from exc
         except OSError as exc:
             print(f"zygote: a JS step starts its own node: {exc}", file=sys.stderr)
         return 0
 
     def start_node(self) -> None:
-        """Start the node zygote and fork one child through it that must come back confined
-        with every layer it was given; otherwise JS steps start a node each. The outcome is
-        in the capabilities doctor shows."""
+        """Start the node zygote for the default limits and fork one child through it that must
+        come back confined with every layer it was given; otherwise JS steps start a node
+        each. The outcome is in the capabilities doctor shows."""
         if not self.config.node_fork or not self.config.node_path:
             note = "turned off (RUNNERD_NODE_FORK)" if self.config.node_path else "no node"
             self.probed.capabilities = msgspec.structs.replace(
                 self.probed.capabilities, node_fork_note=note
             )
             return
-        note = ""
-        try:
-            host_net = self.network.host if self.network is not None else -1
-            self.node = NodeZygote.start(self.config.node_path, self.config.node_flags, host_net)
-            self.check_node_fork(self.node)
-        except NodeForkError as exc:
-            note = str(exc)
-            self.stop_node()
-        forked = self.node is not None
+        host_net = self.network.host if self.network is not None else -1
+        forks = NodeForks(
+            self.config.node_path, self.config.node_flags, host_net, self.check_node_fork
+        )
+        probe_plan = self.plan(Spawn(0, "node", Limits()), self.config.slots, 0, [-1, -1, -1])
+        why = node_fork.unsupported(probe_plan)
+        if why:
+            forks.broken = f"not forked here: {why}"
+        else:
+            forks.start(node_fork.heap_mb(Limits().memory_mb))
+        self.node = forks if not forks.broken else None
         self.probed.capabilities = msgspec.structs.replace(
-            self.probed.capabilities, node_forked=forked, node_fork_note=note
+            self.probed.capabilities, node_forked=self.node is not None, node_fork_note=forks.broken
         )
 
     def check_node_fork(self, node: NodeZygote) -> None:
@@ -250,12 +255,6 @@ class Zygote:
         devnull = os.open(os.devnull, os.O_WRONLY)
         go_read, go_write = os.pipe()
         plan = self.plan(Spawn(0, "node", Limits()), slot, uid, [theirs.fileno(), devnull, devnull])
-        why = node_fork.unsupported(plan)
-        if why:
-            _close_all([devnull, go_read, go_write])
-            theirs.close()
-            ours.close()
-            raise NodeForkError(f"not forked here: {why}")
         pid = 0
         try:
             recipe = node_fork.encode_recipe(plan, namespaces.clone_flags(plan.layers), os.getpid())
@@ -345,13 +344,8 @@ class Zygote:
                 return
             record = self.children.pop(pid, None)
             if record is None:
-                if self.node is not None and pid == self.node.pid:
-                    print(
-                        "zygote: the node zygote died; JS steps now start a node each",
-                        file=sys.stderr,
-                    )
-                    self.node.control.close()
-                    self.node = None
+                if self.node is not None and self.node.lost(pid):
+                    print("zygote: a node zygote died; JS steps start a node each", file=sys.stderr)
                 continue
             cpu_s = usage.ru_utime + usage.ru_stime
             self.release(record, Exited(pid, status, cpu_s, usage.ru_maxrss, False, False))

@@ -198,8 +198,10 @@ static int arrange_fds(const int fds[4]) {
   /* staged = stdout, stderr, channel */
   int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
   if (devnull < 0) return -1;
+  /* The channel and the placeholders are close-on-exec: a program the step runs gets only its
+   * stdio, as on the exec path. */
   if (dup2(devnull, 0) < 0 || dup2(staged[0], 1) < 0 || dup2(staged[1], 2) < 0 ||
-      dup2(staged[2], CHANNEL) < 0)
+      dup3(staged[2], CHANNEL, O_CLOEXEC) < 0)
     return -1;
   DIR *dir = opendir("/proc/self/fd");
   if (!dir) return -1;
@@ -214,7 +216,7 @@ static int arrange_fds(const int fds[4]) {
   }
   closedir(dir);
   for (int i = 0; i < n; i++)
-    if (dup2(devnull, to_cover[i]) < 0) return -1;
+    if (dup3(devnull, to_cover[i], O_CLOEXEC) < 0) return -1;
   for (int i = 0; i < 3; i++) close(staged[i]);
   close(devnull);
   return 0;

@@ -39,6 +39,31 @@ function freshProcessState() {
     },
     writable: true, enumerable: false, configurable: true,
   });
-  // node's own exit would join threads that only the zygote has.
+  // node's own exit would join threads that only the zygote has: leave before it does, by
+  // process.exit() and when the event loop runs out alike.
   process.reallyExit = (code) => addon.exit(code ?? 0);
+  process.on("exit", (code) => addon.exit(code ?? process.exitCode ?? 0));
+  // A context made by `vm` is seeded from V8's generator, whose state is the zygote's too.
+  const vm = require("node:vm");
+  const seeded = (context) => {
+    if (context && typeof context === "object" && vm.isContext(context)) {
+      Object.defineProperty(vm.runInContext("Math", context), "random", {
+        value: Math.random, writable: true, enumerable: false, configurable: true,
+      });
+    }
+    return context;
+  };
+  const original = vm.createContext;
+  const wrapped = {
+    createContext(...args) { return seeded(original.apply(this, args)); },
+    runInNewContext(code, context, options) {
+      return vm.runInContext(code, vm.createContext(context ?? {}), options);
+    },
+    scriptRunInNewContext(context, options) {
+      return this.runInContext(vm.createContext(context ?? {}), options);
+    },
+  };
+  vm.createContext = wrapped.createContext;
+  vm.runInNewContext = wrapped.runInNewContext;
+  vm.Script.prototype.runInNewContext = wrapped.scriptRunInNewContext;
 }

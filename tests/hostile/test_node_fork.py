@@ -29,6 +29,9 @@ TRIVIAL_JS = "export function run(input) { return input; }\n"
 IDENTITY_STEP = """
 import fs from "node:fs";
 import crypto from "node:crypto";
+import vm from "node:vm";
+import v8 from "node:v8";
+import { execFileSync } from "node:child_process";
 
 export function run() {
   const fds = {};
@@ -48,6 +51,10 @@ export function run() {
     bytes: crypto.randomBytes(16).toString("hex"),
     uuid: crypto.randomUUID(),
     web: Buffer.from(crypto.webcrypto.getRandomValues(new Uint8Array(16))).toString("hex"),
+    vm: [vm.runInNewContext("Math.random()"), new vm.Script("Math.random()").runInNewContext()],
+    heap_mb: v8.getHeapStatistics().heap_size_limit / 1048576,
+    // What a program the step runs holds: its stdio and the listing's own fd, nothing more.
+    child_fds: execFileSync("/bin/ls", ["/proc/self/fd"]).toString().split(/\\s+/).filter(Boolean),
     fds,
   };
 }
@@ -79,6 +86,17 @@ def test_doctor_says_js_steps_are_forked(profile: str) -> None:
     assert report["javascript"] == "forked from the node zygote", report["javascript"]
 
 
+def test_a_forked_js_child_gets_the_heap_limit_of_its_memory_limit(run_step: RunStep) -> None:
+    # V8 fixes its heap limit when node starts: a node zygote per limit in use, as a node
+    # started per step gets --max-old-space-size at 3/4 of --memory-mb.
+    for memory_mb in (256, 2048):
+        result = run_step(IDENTITY_STEP, "--memory-mb", str(memory_mb), suffix=".mjs")
+        assert result.exit_code == 0, result.report
+        heap = result.output["heap_mb"]
+        assert memory_mb * 3 // 4 <= heap <= memory_mb * 3 // 4 + 64, (memory_mb, heap)
+        assert not result.output["argv"][0].endswith("node_runner.cjs")
+
+
 def test_each_forked_child_has_its_own_pid_randomness_and_fds(
     run_sequence: RunSequence, profile: str
 ) -> None:
@@ -95,10 +113,11 @@ def test_each_forked_child_has_its_own_pid_randomness_and_fds(
         assert out["fds"]["0"] == "null" and out["fds"]["3"].startswith("socket:")
         kinds = {target.split(":")[0] for target in beyond.values()}
         assert kinds <= {"null", "anon_inode", "pipe"}, beyond
+        assert len(out["child_fds"]) <= 4, out["child_fds"]
     # The same draws in every child would be the zygote's state, copied.
     for field in ("bytes", "uuid", "web"):
         assert len({out[field] for out in outputs}) == len(outputs), field
-    draws = [value for out in outputs for value in out["math"]]
+    draws = [value for out in outputs for value in out["math"] + out["vm"]]
     assert len(set(draws)) == len(draws)
     assert all(0 <= value < 1 for value in draws)
     # A pipe the zygote had would show the same inode in every child: a channel between them.
@@ -120,6 +139,7 @@ export async function run(input) {
     setTimeout(() => { throw new Error("thrown later, in a timer"); }, 10);
     return new Promise(() => {});
   }
+  if (input === "pending") return new Promise(() => {}); // the event loop runs out
   if (input === "rejection") {
     Promise.reject(new TypeError("nobody awaited this"));
     return new Promise((resolve) => setTimeout(resolve, 2000));
@@ -135,6 +155,7 @@ export async function run(input) {
         ("exit", "protocol", "exited (status 3) without sending a result"),
         ("late-throw", "exception", "Error: thrown later, in a timer"),
         ("rejection", "exception", "TypeError: nobody awaited this"),
+        ("pending", "protocol", "exited (status 0) without sending a result"),
     ],
 )
 def test_a_forked_js_step_that_leaves_early_ends_at_once_with_the_right_error(
