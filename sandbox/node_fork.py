@@ -41,8 +41,10 @@ ZYGOTE_SCRIPT = RUNTIMES / "node_zygote.cjs"
 CACHE_DIR = "/run/runnerd"  # root's, as the uid claims are; used when the package is read-only
 MAGIC = 0x31464E52  # "RNF1", as RECIPE_MAGIC in node_fork.c
 # The heap and compile work of V8 on the main thread only: no platform worker threads, whose
-# absence in a forked child would hang whatever waited for them.
-NODE_FLAGS = ("--single-threaded", "--v8-pool-size=0")
+# absence in a forked child would hang whatever waited for them. Large pages: node's code,
+# remapped into anonymous huge pages, is copied by a fork as a few page-table entries instead
+# of being faulted in again, page by page, by every child (about 15% of a child's CPU here).
+NODE_FLAGS = ("--single-threaded", "--v8-pool-size=0", "--use-largepages=silent")
 # The zygote's environment is empty; the compiler finds its linker on PATH.
 BUILD_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C"}
 REPLY_TIMEOUT_S = 5.0

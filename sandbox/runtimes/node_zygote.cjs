@@ -11,15 +11,34 @@
 
 const crypto = require("node:crypto");
 const { serveOneStep } = require("./step_runner.cjs");
+const { Raw, decode, encode } = require("./msgpack.cjs");
 
 const [addonPath, controlFd, hostNetFd] = process.argv.slice(2);
 const addon = require(addonPath);
 
-// Only a step child gets past this line, confined, with its event loop its own.
-const plan = JSON.parse(addon.serve(Number(controlFd), Number(hostNetFd)));
+warm().then(() => {
+  // Only a step child gets past this line, confined, with its event loop its own.
+  const plan = JSON.parse(addon.serve(Number(controlFd), Number(hostNetFd)));
+  freshProcessState();
+  serveOneStep({ layers: plan.layers, tmpdir: plan.tmpdir, outputMax: plan.output_max, exit: addon.exit });
+});
 
-freshProcessState();
-serveOneStep({ layers: plan.layers, tmpdir: plan.tmpdir, outputMax: plan.output_max, exit: addon.exit });
+// Compile here, once, what every child would otherwise compile for itself (V8 compiles a
+// function when it first runs): the ES module loader's paths and the runner's. A data: URL
+// needs no file read, so libuv's thread pool stays unstarted.
+async function warm() {
+  const step = await import("data:text/javascript,export function run(input) { return input; }");
+  const request = { type: "request", source: "x", filename: "step.mjs", input: { a: [1, 2.5, "b"] }, env: {}, context: { execution_id: "e", step: "s", attempt: 1 } };
+  const result = { type: "result", ok: true, output: new Raw(encode(step.run(decode(encode(request))))), error: null, logs: [], duration_s: 0.5 };
+  decode(encode(result));
+  // What loading a step from its file runs: fs.promises (the module, not a read), a path's
+  // URL, a write. Nothing here opens a file of the host's but /dev/null.
+  const fs = require("node:fs");
+  void fs.promises;
+  require("node:url").pathToFileURL("/tmp/step.mjs");
+  fs.writeFileSync("/dev/null", "");
+  fs.realpathSync("/");
+}
 
 // What a copy of the zygote would otherwise share with every other child.
 function freshProcessState() {
