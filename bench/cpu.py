@@ -1,11 +1,11 @@
 """Where the CPU went during a measurement: the machine's user/system/idle split, and the
-time the workers and everything under them (zygote, step children) used."""
+time the workers and everything under them (zygote, step children) used, in all or by role."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import psutil  # type: ignore[import-untyped]  # no stubs in the dev install
+import psutil
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,46 @@ def _tree_cpu(pids: list[int]) -> tuple[float, float]:
                 user += c.children_user
                 system += c.children_system
     return user, system
+
+
+# CPU seconds (user, system) of one worker's tree, by the role of each process in it.
+ByRole = dict[str, tuple[float, float]]
+ROLES = ("worker", "zygote", "node zygote", "steps")
+
+
+def by_role(worker: int, zygote: int | None, node_zygote: int | None) -> ByRole:
+    """The same total as `snapshot` gives for the one worker, split: the worker itself; the
+    zygote itself; the node zygote with the intermediates it forks and reaps (sandbox/
+    node_fork.py); and the steps, running or warm ones, plus every one the zygote reaped
+    (each JavaScript step child is reparented to the zygote, so it is reaped there too)."""
+    found = dict.fromkeys(ROLES, (0.0, 0.0))
+
+    def add(role: str, user: float, system: float) -> None:
+        found[role] = (found[role][0] + user, found[role][1] + system)
+
+    try:
+        root = psutil.Process(worker)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return found
+    for process in tree:
+        try:
+            c = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        if process.pid == zygote:
+            add("zygote", c.user, c.system)
+            add("steps", c.children_user, c.children_system)
+            continue
+        role = {worker: "worker", node_zygote: "node zygote"}.get(process.pid, "steps")
+        add(role, c.user + c.children_user, c.system + c.children_system)
+    return found
+
+
+def role_between(before: ByRole, after: ByRole) -> ByRole:
+    return {
+        role: (after[role][0] - before[role][0], after[role][1] - before[role][1]) for role in ROLES
+    }
 
 
 def between(before: Snapshot, after: Snapshot) -> Split:

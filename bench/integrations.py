@@ -6,7 +6,7 @@ nothing), and every step must report the confinement layers it ran under.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from runnerd.client import Result
 from runnerd.messages import Integration
@@ -14,6 +14,7 @@ from runnerd.messages import Integration
 CHAIN_STEPS = 6
 
 TRIVIAL_PY = "def run(input, ctx):\n    return {'n': input['n']}\n"
+TRIVIAL_JS = "export function run(input, ctx) {\n  return { n: input.n };\n}\n"
 
 # Step i of the chain: the value goes through v -> 2 v + i, and the step appends its index.
 CHAIN_PY = (
@@ -41,21 +42,24 @@ class WrongResult(Exception):
     """An execution did not succeed or did not return what its steps compute."""
 
 
-def trivial() -> Integration:
+def trivial(runtime: Literal["python", "node"] = "python") -> Integration:
+    if runtime == "node":
+        step = {"name": "echo", "source": TRIVIAL_JS, "runtime": "node"}
+        return Integration.from_dict({"name": "bench-trivial-js", "steps": [step]})
     return Integration.from_dict(
         {"name": "bench-trivial", "steps": [{"name": "echo", "source": TRIVIAL_PY}]}
     )
 
 
-def chain(node_steps: bool = False) -> Integration:
-    """Six steps; with `node_steps` every second one is JavaScript."""
+def chain(kind: Literal["python", "mixed", "js"] = "python") -> Integration:
+    """Six steps: all Python, every second one JavaScript (mixed), or all JavaScript."""
     steps = []
     for i in range(CHAIN_STEPS):
-        if node_steps and i % 2 == 1:
+        if kind == "js" or (kind == "mixed" and i % 2 == 1):
             steps.append({"name": f"s{i}", "source": CHAIN_JS, "runtime": "node"})
         else:
             steps.append({"name": f"s{i}", "source": CHAIN_PY})
-    name = "bench-chain-mixed" if node_steps else "bench-chain"
+    name = "bench-chain" if kind == "python" else f"bench-chain-{kind}"
     return Integration.from_dict({"name": name, "steps": steps})
 
 

@@ -42,6 +42,28 @@ def _cgroup_version() -> str:
     return "v1" if os.path.isdir("/sys/fs/cgroup/memory") else "none"
 
 
+def _checkout() -> str:
+    """The commit the sandbox and daemon code came from, and whether sandbox/ or runnerd/ had
+    uncommitted changes (several people may share one checkout). Read only: no index refresh."""
+    root = Path(__file__).resolve().parent.parent
+    git = ["git", "-C", str(root), "--no-optional-locks"]
+    commit = _first_line([*git, "rev-parse", "--short", "HEAD"])
+    if not commit or " " in commit:
+        return "unknown"
+    try:
+        done = subprocess.run(
+            [*git, "status", "--porcelain", "--", "sandbox", "runnerd"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except OSError:
+        return commit
+    changed = len(done.stdout.splitlines())
+    return f"{commit}, {changed} file(s) changed in sandbox/ and runnerd/" if changed else commit
+
+
 def machine_info(layers: Sequence[str], loop: str, node: str | None) -> dict[str, str]:
     memory_kb = _proc_field("/proc/meminfo", "MemTotal").split()[0]
     return {
@@ -59,6 +81,7 @@ def machine_info(layers: Sequence[str], loop: str, node: str | None) -> dict[str
         # Other work on a shared machine moves every figure; this says how busy it was.
         "load average 1/5/15 min": " ".join(f"{load:.2f}" for load in os.getloadavg()),
         "sandbox layers on": ", ".join(layers) or "none",
+        "runnerd at": _checkout(),
     }
 
 

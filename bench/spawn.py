@@ -6,6 +6,10 @@ allows and a result frame back (cold), or only the frame round trip when a warm,
 confined child is waiting (pool). Measured in the same run against starting a fresh
 interpreter per step (`python3 -c`, `node -e`) and bwrap around `python3 -c`.
 
+JavaScript runs both ways in the same run: forked from the warm node zygote (`js-fork-*`, the
+default path) and with a node exec'd per step (`js-cold`, `js-warm*`: RUNNERD_NODE_FORK=false),
+the baseline the forked variants are compared with.
+
 Each repetition runs every variant in turn (the order rotates between repetitions), each with
 a fresh Spawner: prime, warm up, measure. Figures are the median across repetitions of each
 repetition's percentiles; ratios are taken within a repetition, then their median.
@@ -15,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import sys
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from bench import report
@@ -36,6 +42,7 @@ from bench.stats import Summary, aggregate, summarize
 from bench.variants import BWRAP, JS_ONE_SHOT, PY_ONE_SHOT, Fresh, Runnerd, Variant
 from runnerd.spawner import Spawner
 from runnerd.zygote_link import SandboxOptions
+from sandbox.protocol import Capabilities
 
 HELP = "per-step overhead of a trivial step: runnerd cold and warm vs fresh processes"
 
@@ -55,14 +62,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--js-rate",
         type=float,
         default=10.0,
-        help="paced JavaScript steps per second (default 10: a node start takes tens of ms)",
+        help="paced JavaScript steps per second, forked and exec'd alike (default 10: a node "
+        "start takes tens of ms)",
+    )
+    parser.add_argument(
+        "--js-paths",
+        choices=("fork", "exec", "both"),
+        default="both",
+        help="JavaScript forked from the node zygote, exec'd per step, or both (default both)",
+    )
+    parser.add_argument(
+        "--uid-base",
+        type=int,
+        default=int(os.environ.get("RUNNERD_SANDBOX_UID_BASE", "0")),
+        help="first step uid of each Spawner (default RUNNERD_SANDBOX_UID_BASE, else 0: the "
+        "first free range)",
     )
     parser.add_argument(
         "--prime",
         type=int,
         default=slots,
-        help=f"unmeasured steps before each runnerd Python measurement (default {slots}, the "
-        "slot count), so every slot's cgroups are set up, as in a daemon that has been running",
+        help=f"unmeasured steps before each runnerd Python and forked JavaScript measurement "
+        f"(default {slots}, the slot count), so every slot's cgroups are set up, as in a daemon "
+        "that has been running",
     )
     parser.add_argument(
         "--settle-s",
@@ -77,17 +99,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_variants(args: argparse.Namespace, node: str | None) -> tuple[list[Variant], list[str]]:
-    """The variants this host can run, and a note for each one it cannot."""
+def build_variants(
+    args: argparse.Namespace, node: str | None, capabilities: Capabilities
+) -> tuple[list[Variant], list[str]]:
+    """The variants this host can run, and a note for each one it cannot. `capabilities` are
+    the probe's, with JavaScript forking asked for (it says whether the fork path works)."""
     variants: list[Variant] = []
     skipped: list[str] = []
     if args.runtime in ("python", "both"):
-        variants += _python_variants(args, SandboxOptions(node_path=node or ""), skipped)
+        options = SandboxOptions(uid_base=args.uid_base, node_path=node or "")
+        variants += _python_variants(args, options, skipped)
     if args.runtime in ("node", "both"):
         if node is None:
             skipped.append("JavaScript variants: node not found")
         else:
-            variants += _node_variants(args, SandboxOptions(node_path=node), node)
+            variants += _node_variants(args, node, capabilities, skipped)
     return variants, skipped
 
 
@@ -126,36 +152,76 @@ def _python_variants(
     return variants
 
 
-def _node_variants(args: argparse.Namespace, options: SandboxOptions, node: str) -> list[Variant]:
+def _node_variants(
+    args: argparse.Namespace, node: str, capabilities: Capabilities, skipped: list[str]
+) -> list[Variant]:
     variants: list[Variant] = [Fresh("js-fresh", "node -e", "node", argv=(node, "-e", JS_ONE_SHOT))]
+    paths = ("fork", "exec") if args.js_paths == "both" else (args.js_paths,)
+    if "exec" in paths:
+        variants += _node_exec_variants(args, node)
+    if "fork" in paths and not capabilities.node_forked:
+        skipped.append(f"forked JavaScript variants: {capabilities.node_fork_note or 'no node'}")
+    elif "fork" in paths:
+        variants += _node_fork_variants(args, node, compare_exec="exec" in paths)
+    return variants
+
+
+def _node_exec_variants(args: argparse.Namespace, node: str) -> list[Variant]:
+    """A node exec'd per step (RUNNERD_NODE_FORK=false): the baseline of the forked path."""
+    options = SandboxOptions(uid_base=args.uid_base, node_path=node, node_fork=False)
     pool, rate = args.pool_size, args.js_rate
     # No priming: a slot's first-use cgroup setup (~0.3 ms) is noise next to a node start.
-    for key, label, pool_size, rate_per_s in (
-        ("js-cold", "runnerd node, cold, back-to-back", 0, 0.0),
-        ("js-warm", f"runnerd node, pool {pool}, back-to-back", pool, 0.0),
-        ("js-warm-paced", f"runnerd node, pool {pool}, {rate:g}/s", pool, rate),
-    ):
-        variants.append(
-            Runnerd(
-                key,
-                label,
-                "node",
-                rate_per_s=rate_per_s,
-                baselines=("js-fresh",),
-                options=options,
-                pool_size=pool_size,
-            )
+    return [
+        Runnerd(
+            key,
+            label,
+            "node",
+            rate_per_s=rate_per_s,
+            baselines=("js-fresh",),
+            options=options,
+            pool_size=pool_size,
         )
-    return variants
+        for key, label, pool_size, rate_per_s in (
+            ("js-cold", "runnerd node exec'd, cold, back-to-back", 0, 0.0),
+            ("js-warm", f"runnerd node exec'd, pool {pool}, back-to-back", pool, 0.0),
+            ("js-warm-paced", f"runnerd node exec'd, pool {pool}, {rate:g}/s", pool, rate),
+        )
+    ]
+
+
+def _node_fork_variants(args: argparse.Namespace, node: str, compare_exec: bool) -> list[Variant]:
+    """Forked from the node zygote; primed like Python (a fork is short enough for a slot's
+    first-use cgroup setup to show), and compared with the exec'd variant of the same shape
+    (paced at the same --js-rate)."""
+    options = SandboxOptions(uid_base=args.uid_base, node_path=node, node_fork=True)
+    pool, rate = args.pool_size, args.js_rate
+    name = "runnerd node forked"
+    return [
+        Runnerd(
+            key,
+            label,
+            "node",
+            rate_per_s=rate_per_s,
+            prime=args.prime,
+            baselines=("js-fresh", exec_key) if compare_exec else ("js-fresh",),
+            options=options,
+            pool_size=pool_size,
+        )
+        for key, label, pool_size, rate_per_s, exec_key in (
+            ("js-fork-cold", f"{name}, cold, back-to-back", 0, 0.0, "js-cold"),
+            ("js-fork-warm", f"{name}, pool {pool}, back-to-back", pool, 0.0, "js-warm"),
+            ("js-fork-warm-paced", f"{name}, pool {pool}, {rate:g}/s", pool, rate, "js-warm-paced"),
+        )
+    ]
 
 
 # --- measuring ------------------------------------------------------------------------------
 
 
-async def _available_layers(options: SandboxOptions) -> list[str]:
+async def _probe(options: SandboxOptions) -> Capabilities:
     spawner = await Spawner.start(options)
     try:
-        return spawner.capabilities.available()
+        return spawner.capabilities
     finally:
         await spawner.close()
 
@@ -205,11 +271,18 @@ async def _repetitions(variants: list[Variant], args: argparse.Namespace) -> lis
     return repetitions
 
 
-async def _run_all(
-    variants: list[Variant], args: argparse.Namespace, options: SandboxOptions
-) -> tuple[list[str], list[Repetition]]:
-    layers = await _available_layers(options)
-    return layers, await _repetitions(variants, args)
+@dataclass(frozen=True)
+class Outcome:
+    variants: list[Variant]
+    skipped: list[str]
+    capabilities: Capabilities
+    repetitions: list[Repetition]
+
+
+async def _run_all(args: argparse.Namespace, node: str | None) -> Outcome:
+    capabilities = await _probe(SandboxOptions(uid_base=args.uid_base, node_path=node or ""))
+    variants, skipped = build_variants(args, node, capabilities)
+    return Outcome(variants, skipped, capabilities, await _repetitions(variants, args))
 
 
 def _run_loop(coroutine: Coroutine[Any, Any, Any], loop: str) -> Any:
@@ -222,9 +295,9 @@ def _run_loop(coroutine: Coroutine[Any, Any, Any], loop: str) -> Any:
 
 def run(args: argparse.Namespace, command: str) -> int:
     node = shutil.which("node")
-    variants, skipped = build_variants(args, node)
-    options = SandboxOptions(node_path=node or "")
-    layers, repetitions = _run_loop(_run_all(variants, args, options), args.loop)
+    outcome: Outcome = _run_loop(_run_all(args, node), args.loop)
+    variants, skipped, repetitions = outcome.variants, outcome.skipped, outcome.repetitions
+    layers = outcome.capabilities.available()
     aggregates = {v.key: aggregate([r.summaries[v.key] for r in repetitions]) for v in variants}
     ratios = ratio_spreads(variants, repetitions)
     judged = verdicts(variants, aggregates, ratios)
@@ -243,6 +316,10 @@ def run(args: argparse.Namespace, command: str) -> int:
                 "config": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
                 "variants": [describe(v) for v in variants],
                 "skipped": skipped,
+                "javascript": {
+                    "forked": outcome.capabilities.node_forked,
+                    "note": outcome.capabilities.node_fork_note,
+                },
                 "notes": notes,
                 "repetitions": repetitions,
                 "aggregate": aggregates,

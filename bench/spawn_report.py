@@ -13,6 +13,7 @@ from bench.variants import Fresh, Runnerd, Variant
 TARGET_P50_MS = 3.0
 TARGET_P99_MS = 10.0
 TARGET_NODE_RATIO = 1.3  # runnerd's JavaScript step vs a bare `node -e`
+TARGET_JS_FORK_P50_MS = 5.0  # a warm JavaScript child forked from the node zygote
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,17 @@ def verdicts(
                     f"p50 <= {TARGET_P50_MS:g} ms and p99 <= {TARGET_P99_MS:g} ms",
                     f"p50 {report.ms(agg.p50)} ms, p99 {report.ms(agg.p99)} ms",
                     agg.p50 <= TARGET_P50_MS and agg.p99 <= TARGET_P99_MS,
+                )
+            )
+        elif v.options.node_fork and v.pool_size > 0:
+            agg = aggregates[v.key]
+            judged.append(
+                Verdict(
+                    v.key,
+                    f"p50 <= {TARGET_JS_FORK_P50_MS:g} ms",
+                    f"p50 {report.ms(agg.p50)} ms (repetitions {report.ms(agg.p50_low)}.."
+                    f"{report.ms(agg.p50_high)}), p99 {report.ms(agg.p99)} ms",
+                    agg.p50 <= TARGET_JS_FORK_P50_MS,
                 )
             )
         elif "js-fresh" in ratios[v.key]:
@@ -142,4 +154,6 @@ def describe(variant: Variant) -> dict[str, Any]:
     if isinstance(variant, Runnerd):
         described["pool_size"] = variant.pool_size
         described["layers"] = variant.layers
+        if variant.runtime == "node":
+            described["node_fork"] = variant.options.node_fork
     return described

@@ -3,7 +3,8 @@
 The step returns its input's `n` back, so every result is checked to be the step's own (a
 stale or cached answer would fail). `Fresh` starts a new process per step (a plain
 interpreter, or one under bwrap); `Runnerd` goes through runnerd's Spawner, cold or with a
-warm pool.
+warm pool, its JavaScript steps forked from the node zygote or exec'ing a node each, as its
+options say.
 """
 
 from __future__ import annotations
@@ -112,6 +113,15 @@ class Runnerd(Variant):
 
     async def start(self) -> None:
         self._spawner = await Spawner.start(self.options, pool_size=self.pool_size)
+        capabilities = self._spawner.capabilities
+        if self.runtime == "node" and capabilities.node_forked != self.options.node_fork:
+            # A variant on the other path than its label says would measure the wrong thing.
+            await self.close()
+            path = "forked" if capabilities.node_forked else "exec'd per step"
+            raise StepFailed(
+                f"{self.key}: JavaScript steps are {path} here, against node_fork="
+                f"{self.options.node_fork} ({capabilities.node_fork_note or 'no reason given'})"
+            )
 
     async def run_one(self, n: int) -> None:
         assert self._spawner is not None, "start() first"

@@ -21,12 +21,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import psutil  # type: ignore[import-untyped]  # no stubs in the dev install
+import psutil
 
 from runnerd.client import Client
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
+ZYGOTE_MARK = "sandbox.zygote"  # in the zygote's command line (python -m sandbox.zygote)
+NODE_ZYGOTE_MARK = "node_zygote.cjs"  # in the node zygote's, and in every child forked from it
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,13 @@ class WorkerOptions:
     uid_base: int = 600_000
     slots: int = 256
     drain_s: float = 5.0
+    node_fork: bool | None = None  # RUNNERD_NODE_FORK; None: as in the caller's environment
 
     def environment(self, prefix: str, index: int) -> dict[str, str]:
+        fork = {} if self.node_fork is None else {"RUNNERD_NODE_FORK": str(self.node_fork).lower()}
         return {
             **os.environ,
+            **fork,
             "REDIS_URL": self.redis_url,
             "RUNNERD_KEY_PREFIX": prefix,
             "RUNNERD_CONCURRENCY": str(self.concurrency),
@@ -56,6 +61,26 @@ class WorkerOptions:
             "RUNNERD_HTTP_PORT": "0",
             "RUNNERD_LOG_LEVEL": "warning",
         }
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """A worker's sandbox processes: its zygote, and the node zygote its JavaScript steps are
+    forked from (None on the exec path, or where the fork path could not be used)."""
+
+    zygote: psutil.Process | None
+    node_zygote: psutil.Process | None
+
+
+@dataclass(frozen=True)
+class TreeMemory:
+    """Resident memory in MiB of a worker, its zygote and its node zygote (0 without one), and
+    how many processes are under the zygote (warm children, running steps, the node zygote)."""
+
+    worker_mib: float
+    zygote_mib: float
+    node_zygote_mib: float
+    zygote_children: int
 
 
 class WorkerFailed(Exception):
@@ -205,6 +230,55 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return list(psutil.Process(pid).children(recursive=True))
     except psutil.Error:
         return []
+
+
+def sandbox_processes(worker_pid: int) -> Sandbox:
+    try:
+        children = psutil.Process(worker_pid).children()
+    except psutil.NoSuchProcess:
+        return Sandbox(None, None)
+    zygote = next((c for c in children if ZYGOTE_MARK in _cmdline(c)), None)
+    return Sandbox(zygote, None if zygote is None else _node_zygote(zygote))
+
+
+def _node_zygote(zygote: psutil.Process) -> psutil.Process | None:
+    """Every JS step child is a fork of the node zygote (its command line included) and, once
+    its intermediate exited, a child of the zygote as well; the node zygote is the one that
+    kept the zygote's uid (a step child has its slot's) and, of those, the first started."""
+    found: list[tuple[float, psutil.Process]] = []
+    try:
+        uid = zygote.uids().real
+        children = zygote.children()
+    except psutil.NoSuchProcess:
+        return None
+    for child in children:
+        try:
+            if NODE_ZYGOTE_MARK in _cmdline(child) and child.uids().real == uid:
+                found.append((child.create_time(), child))
+        except psutil.NoSuchProcess:
+            continue
+    return min(found, key=lambda pair: pair[0])[1] if found else None
+
+
+def tree_memory(worker_pid: int) -> TreeMemory:
+    sandbox = sandbox_processes(worker_pid)
+    under = 0
+    if sandbox.zygote is not None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            under = len(sandbox.zygote.children())
+    return TreeMemory(
+        _rss(psutil.Process(worker_pid)) / 2**20,
+        (_rss(sandbox.zygote) if sandbox.zygote else 0) / 2**20,
+        (_rss(sandbox.node_zygote) if sandbox.node_zygote else 0) / 2**20,
+        under,
+    )
+
+
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def _rss(process: psutil.Process) -> int:

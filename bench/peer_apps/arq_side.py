@@ -1,3 +1,5 @@
+# mypy: disable-error-code="import-not-found,untyped-decorator,no-any-return"
+# (run in the peers' own venvs, bench/peers.py: their libraries are not in this one)
 """arq: the worker settings (`python arq_side.py` runs a worker) and the caller.
 
 arq has no job dependencies, so the caller runs the chain: it waits for each step's result and

@@ -1,3 +1,5 @@
+# mypy: disable-error-code="import-not-found,untyped-decorator,no-any-return"
+# (run in the peers' own venvs, bench/peers.py: their libraries are not in this one)
 """Celery: the app its workers load (`celery -A celery_side worker`) and the caller.
 
 Redis is both broker and result backend. The chain is Celery's own `chain()`: each task's

@@ -1,3 +1,5 @@
+# mypy: disable-error-code="import-not-found,untyped-decorator,no-any-return"
+# (run in the peers' own venvs, bench/peers.py: their libraries are not in this one)
 """Drive one peer from inside its own environment: `python drive.py SYSTEM [flags]`.
 
 Waits for the peer's workers (one call answered), warms up, then measures the two scenarios the

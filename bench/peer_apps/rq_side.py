@@ -1,3 +1,5 @@
+# mypy: disable-error-code="import-not-found,untyped-decorator,no-any-return"
+# (run in the peers' own venvs, bench/peers.py: their libraries are not in this one)
 """RQ: the tasks its workers import (`rq worker --path bench/peer_apps`) and the caller.
 
 The chain uses RQ's own job dependencies: each step is enqueued with `depends_on` the previous

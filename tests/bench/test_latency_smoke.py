@@ -33,7 +33,7 @@ def _assert_sane(data: dict[str, object], keys: set[str], count: dict[str, int])
 
 def test_chain_reports_each_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = _run(["chain", "--repeat", "1", "--steps", "4", "--warmup", "1"], tmp_path)
-    keys = {"python", "mixed"} if shutil.which("node") else {"python"}
+    keys = {"python", "mixed", "js"} if shutil.which("node") else {"python"}
     _assert_sane(data, keys, dict.fromkeys(keys, 4))
     assert "| 6 Python steps | 4 |" in capsys.readouterr().out
 

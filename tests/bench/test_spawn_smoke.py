@@ -25,6 +25,9 @@ def test_spawn_scenario_reports_every_variant(
         expected.add("py-bwrap")
     if shutil.which("node"):
         expected |= {"js-fresh", "js-cold", "js-warm", "js-warm-paced"}
+        # CI has a compiler for the node fork addon: the forked path must be there.
+        assert data["javascript"] == {"forked": True, "note": ""}
+        expected |= {"js-fork-cold", "js-fork-warm", "js-fork-warm-paced"}
     assert {v["key"] for v in data["variants"]} == expected
     (repetition,) = data["repetitions"]
     for key in expected:
@@ -34,6 +37,8 @@ def test_spawn_scenario_reports_every_variant(
         assert data["aggregate"][key]["p50"] == summary["p50"]
     runnerd = [v for v in data["variants"] if "pool_size" in v]
     assert all(v["layers"] for v in runnerd), "every runnerd step reports its layers"
+    node_fork = {v["key"]: v["node_fork"] for v in runnerd if v["runtime"] == "node"}
+    assert all(fork == key.startswith("js-fork-") for key, fork in node_fork.items())
     assert {t["variant"] for t in data["targets"]} == {v["key"] for v in runnerd}
     assert data["machine"]["cores"] and data["machine"]["sandbox layers on"]
 
