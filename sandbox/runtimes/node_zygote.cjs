@@ -10,10 +10,12 @@
 "use strict";
 
 const crypto = require("node:crypto");
+const path = require("node:path");
 const { serveOneStep } = require("./step_runner.cjs");
 const { Raw, decode, encode } = require("./msgpack.cjs");
 
 const [addonPath, controlFd, hostNetFd] = process.argv.slice(2);
+const threadsAtStart = threads();
 const addon = require(addonPath);
 
 warm().then(() => {
@@ -27,7 +29,12 @@ warm().then(() => {
 // function when it first runs): the ES module loader's paths and the runner's. A data: URL
 // needs no file read, so libuv's thread pool stays unstarted.
 async function warm() {
-  const step = await import("data:text/javascript,export function run(input) { return input; }");
+  const step = await import("data:text/javascript,export const run = (input) => input, where = (url) => import.meta.resolve(url);");
+  // A file's resolution (stat, realpath, package scope) and the CommonJS translator: neither
+  // reads through fs.promises (a CommonJS module is read synchronously).
+  const { pathToFileURL } = require("node:url");
+  step.where(pathToFileURL(path.join(__dirname, "msgpack.cjs")).href);
+  await import(pathToFileURL(path.join(__dirname, "msgpack.cjs")).href);
   const request = { type: "request", source: "x", filename: "step.mjs", input: { a: [1, 2.5, "b"] }, env: {}, context: { execution_id: "e", step: "s", attempt: 1 } };
   const result = { type: "result", ok: true, output: new Raw(encode(step.run(decode(encode(request))))), error: null, logs: [], duration_s: 0.5 };
   decode(encode(result));
@@ -35,9 +42,16 @@ async function warm() {
   // URL, a write. Nothing here opens a file of the host's but /dev/null.
   const fs = require("node:fs");
   void fs.promises;
-  require("node:url").pathToFileURL("/tmp/step.mjs");
+  pathToFileURL("/tmp/step.mjs");
   fs.writeFileSync("/dev/null", "");
   fs.realpathSync("/");
+  // libuv's thread pool, once started here, would be missing in every child (its threads do
+  // not survive a fork): refuse to serve, and JS steps start a node each.
+  if (threads() !== threadsAtStart) throw new Error("the warm-up started threads");
+}
+
+function threads() {
+  return Number(require("node:fs").readFileSync("/proc/self/status", "utf8").match(/^Threads:\s+(\d+)/m)[1]);
 }
 
 // What a copy of the zygote would otherwise share with every other child.
