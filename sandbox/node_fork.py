@@ -125,8 +125,8 @@ def unsupported(plan: ChildPlan) -> str:
     covers the two profiles that occur: a filesystem view, or no mount namespace at all."""
     if "mountns" in plan.layers and "fs_view" not in plan.layers:
         return "a mount namespace without the filesystem view"
-    if plan.keep_paths and "mountns" in plan.layers:
-        return "runtime files under a temp dir"
+    # Runtime files under a temp dir (`keep_paths`: a venv or node in /tmp) are not bound into
+    # a forked child's /tmp: its node is loaded already, and it starts no interpreter of them.
     return ""
 
 

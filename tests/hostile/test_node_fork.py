@@ -193,8 +193,8 @@ def test_with_the_fork_path_off_js_steps_start_a_node_each(
 
 @pytest.fixture
 def node_without_addons() -> Iterator[Path]:
-    """A node that refuses native addons, outside every temp dir (a runtime under a temp dir
-    is bound into each child separately, which the fork path leaves to a node per step)."""
+    """A node that refuses native addons, outside every temp dir (the node per step it falls
+    back to must be reachable by the step's uid; a temp dir's may be 0700)."""
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed")
