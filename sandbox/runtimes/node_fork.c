@@ -354,14 +354,16 @@ static void close_all(const int *fds, int n) {
 }
 
 /* Receive one request. Returns its size, with exactly four fds in `fds`, or -1 after closing
- * whatever came with a malformed one. The zygote exits when the control socket closes. */
+ * whatever came with a malformed one (answered, as every request is exactly once: the Python
+ * side pairs each reply with its request). The zygote exits when the control socket closes. */
 static ssize_t receive(int control, uint8_t *data, int fds[4]) {
   char space[CMSG_SPACE(8 * sizeof(int))];
   struct iovec iov = {data, REQUEST_MAX};
   struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = space,
                        .msg_controllen = sizeof space};
-  ssize_t size = recvmsg(control, &msg, MSG_CMSG_CLOEXEC);
-  if (size == 0 || (size < 0 && errno != EINTR)) _exit(0);
+  ssize_t size;
+  do size = recvmsg(control, &msg, MSG_CMSG_CLOEXEC); while (size < 0 && errno == EINTR);
+  if (size <= 0) _exit(0);
   int got = 0;
   for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
     if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
