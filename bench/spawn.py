@@ -158,61 +158,45 @@ def _node_variants(
     variants: list[Variant] = [Fresh("js-fresh", "node -e", "node", argv=(node, "-e", JS_ONE_SHOT))]
     paths = ("fork", "exec") if args.js_paths == "both" else (args.js_paths,)
     if "exec" in paths:
-        variants += _node_exec_variants(args, node)
+        variants += _node_path_variants(args, node, forked=False)
     if "fork" in paths and not capabilities.node_forked:
         skipped.append(f"forked JavaScript variants: {capabilities.node_fork_note or 'no node'}")
     elif "fork" in paths:
-        variants += _node_fork_variants(args, node, compare_exec="exec" in paths)
+        variants += _node_path_variants(args, node, forked=True, compare_exec="exec" in paths)
     return variants
 
 
-def _node_exec_variants(args: argparse.Namespace, node: str) -> list[Variant]:
-    """A node exec'd per step (RUNNERD_NODE_FORK=false): the baseline of the forked path."""
-    options = SandboxOptions(uid_base=args.uid_base, node_path=node, node_fork=False)
+def _node_path_variants(
+    args: argparse.Namespace, node: str, forked: bool, compare_exec: bool = False
+) -> list[Variant]:
+    """Cold, warm and paced JavaScript steps on one path: a node exec'd per step
+    (RUNNERD_NODE_FORK=false, the baseline) or forked from the node zygote, each forked
+    variant compared with the exec'd one of the same shape (paced at the same --js-rate).
+    Only the forked path is primed: next to a node start, a slot's first-use cgroup setup
+    (~0.3 ms) is noise; next to a fork it shows."""
+    options = SandboxOptions(uid_base=args.uid_base, node_path=node, node_fork=forked)
     pool, rate = args.pool_size, args.js_rate
-    # No priming: a slot's first-use cgroup setup (~0.3 ms) is noise next to a node start.
-    return [
-        Runnerd(
-            key,
-            label,
-            "node",
-            rate_per_s=rate_per_s,
-            baselines=("js-fresh",),
-            options=options,
-            pool_size=pool_size,
+    name, prefix = ("runnerd node forked", "js-fork-") if forked else ("runnerd node exec'd", "js-")
+    variants: list[Variant] = []
+    for shape, label, pool_size, rate_per_s in (
+        ("cold", f"{name}, cold, back-to-back", 0, 0.0),
+        ("warm", f"{name}, pool {pool}, back-to-back", pool, 0.0),
+        ("warm-paced", f"{name}, pool {pool}, {rate:g}/s", pool, rate),
+    ):
+        baselines = ("js-fresh", f"js-{shape}") if forked and compare_exec else ("js-fresh",)
+        variants.append(
+            Runnerd(
+                prefix + shape,
+                label,
+                "node",
+                rate_per_s=rate_per_s,
+                prime=args.prime if forked else 0,
+                baselines=baselines,
+                options=options,
+                pool_size=pool_size,
+            )
         )
-        for key, label, pool_size, rate_per_s in (
-            ("js-cold", "runnerd node exec'd, cold, back-to-back", 0, 0.0),
-            ("js-warm", f"runnerd node exec'd, pool {pool}, back-to-back", pool, 0.0),
-            ("js-warm-paced", f"runnerd node exec'd, pool {pool}, {rate:g}/s", pool, rate),
-        )
-    ]
-
-
-def _node_fork_variants(args: argparse.Namespace, node: str, compare_exec: bool) -> list[Variant]:
-    """Forked from the node zygote; primed like Python (a fork is short enough for a slot's
-    first-use cgroup setup to show), and compared with the exec'd variant of the same shape
-    (paced at the same --js-rate)."""
-    options = SandboxOptions(uid_base=args.uid_base, node_path=node, node_fork=True)
-    pool, rate = args.pool_size, args.js_rate
-    name = "runnerd node forked"
-    return [
-        Runnerd(
-            key,
-            label,
-            "node",
-            rate_per_s=rate_per_s,
-            prime=args.prime,
-            baselines=("js-fresh", exec_key) if compare_exec else ("js-fresh",),
-            options=options,
-            pool_size=pool_size,
-        )
-        for key, label, pool_size, rate_per_s, exec_key in (
-            ("js-fork-cold", f"{name}, cold, back-to-back", 0, 0.0, "js-cold"),
-            ("js-fork-warm", f"{name}, pool {pool}, back-to-back", pool, 0.0, "js-warm"),
-            ("js-fork-warm-paced", f"{name}, pool {pool}, {rate:g}/s", pool, rate, "js-warm-paced"),
-        )
-    ]
+    return variants
 
 
 # --- measuring ------------------------------------------------------------------------------

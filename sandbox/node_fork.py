@@ -120,10 +120,11 @@ def _check_trusted(path: str) -> None:
 # --- the recipe -----------------------------------------------------------------------------
 
 
-def unsupported(plan: ChildPlan) -> str:
-    """Why this plan cannot be forked from the node zygote ("" when it can). The C recipe
-    covers the two profiles that occur: a filesystem view, or no mount namespace at all."""
-    if "mountns" in plan.layers and "fs_view" not in plan.layers:
+def unsupported(layers: frozenset[str]) -> str:
+    """Why children with these layers cannot be forked from the node zygote ("" when they
+    can). The C recipe covers the two profiles that occur: a filesystem view, or no mount
+    namespace at all. Every plan has the mount layers the host has, so the zygote asks once."""
+    if "mountns" in layers and "fs_view" not in layers:
         return "a mount namespace without the filesystem view"
     # Runtime files under a temp dir (`keep_paths`: a venv or node in /tmp) are not bound into
     # a forked child's /tmp: its node is loaded already, and it starts no interpreter of them.
@@ -260,7 +261,7 @@ class NodeForks:
         self.broken = ""  # why the fork path is off, once it is
 
     def for_plan(self, plan: ChildPlan) -> NodeZygote | None:
-        if self.broken or unsupported(plan):
+        if self.broken:
             return None
         heap = heap_mb(plan.limits.memory_mb)
         zygote = self.zygotes.get(heap)

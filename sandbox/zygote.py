@@ -237,8 +237,7 @@ class Zygote:
         forks = NodeForks(
             self.config.node_path, self.config.node_flags, host_net, self.check_node_fork
         )
-        probe_plan = self.plan(Spawn(0, "node", Limits()), self.config.slots, 0, [-1, -1, -1])
-        why = node_fork.unsupported(probe_plan)
+        why = node_fork.unsupported(self.available)
         if why:
             forks.broken = f"not forked here: {why}"
         else:

@@ -62,6 +62,20 @@ def run_step_file(
     return StepRun(done.returncode, report, done.stderr)
 
 
+def doctor_report(profile: str, **env: str) -> dict[str, Any]:
+    """`runnerd doctor`'s JSON under the profile, with these variables added to the caller's
+    environment."""
+    done = subprocess.run(
+        runnerd_argv(profile, "doctor"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=runnerd_env(**env),
+    )
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
 @pytest.fixture(params=PROFILES)
 def profile(request: pytest.FixtureRequest) -> str:
     """Each test using this runs under the full host profile and the Fargate profile."""

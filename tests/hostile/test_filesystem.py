@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, runnerd_argv, runnerd_env
+from tests.conftest import ROOT, doctor_report, runnerd_argv, runnerd_env
 from tests.hostile.conftest import UID_BASE, RunSequence, RunStep, Witnesses
 
 # Every directory the step can create a file in, found by walking its whole filesystem.
@@ -171,15 +171,7 @@ def test_a_venv_under_a_private_directory(profile: str, tmp_path: Path) -> None:
 
 
 def _writable_dirs_found(profile: str) -> list[str]:
-    done = subprocess.run(
-        runnerd_argv(profile, "doctor"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=runnerd_env(),
-    )
-    report = json.loads(done.stdout)
-    dirs: list[str] = report["writable_dirs"]
+    dirs: list[str] = doctor_report(profile)["writable_dirs"]
     return dirs
 
 

@@ -9,7 +9,6 @@ import asyncio
 import os
 import shutil
 import stat
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 
 from runnerd.spawner import Spawner, StepSpec
 from runnerd.zygote_link import SandboxOptions
-from tests.conftest import runnerd_argv, runnerd_env
+from tests.conftest import doctor_report, run_step_file, runnerd_env
 from tests.hostile.conftest import UID_BASE, RunSequence, RunStep
 
 TRIVIAL_PY = "def run(input, ctx):\n    return input\n"
@@ -75,14 +74,7 @@ def test_a_forked_js_child_gets_every_layer_a_python_child_gets(
 
 
 def test_doctor_says_js_steps_are_forked(profile: str) -> None:
-    done = subprocess.run(
-        runnerd_argv(profile, "doctor"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=runnerd_env(),
-    )
-    report = msgspec.json.decode(done.stdout)
+    report = doctor_report(profile)
     assert report["javascript"] == "forked from the node zygote", report["javascript"]
 
 
@@ -180,14 +172,7 @@ def test_with_the_fork_path_off_js_steps_start_a_node_each(
 
     assert result.exit_code == 0, result.report
     assert result.output["argv"][0].endswith("node_runner.cjs")
-    done = subprocess.run(
-        runnerd_argv(profile, "doctor"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=runnerd_env(**off),
-    )
-    javascript = msgspec.json.decode(done.stdout)["javascript"]
+    javascript = doctor_report(profile, **off)["javascript"]
     assert javascript == "a node started per step: turned off (RUNNERD_NODE_FORK)"
 
 
@@ -210,26 +195,17 @@ def node_without_addons() -> Iterator[Path]:
 def test_a_node_zygote_that_cannot_load_its_addon_falls_back_and_says_why(
     profile: str, node_without_addons: Path, tmp_path: Path
 ) -> None:
-    env = runnerd_env(RUNNERD_NODE_PATH=str(node_without_addons))
-    done = subprocess.run(
-        runnerd_argv(profile, "doctor"), capture_output=True, text=True, timeout=120, env=env
-    )
-    javascript = msgspec.json.decode(done.stdout)["javascript"]
+    javascript = doctor_report(profile, RUNNERD_NODE_PATH=str(node_without_addons))["javascript"]
     assert javascript.startswith("a node started per step: "), javascript
     assert "node zygote" in javascript or "forked JS child" in javascript, javascript
 
     step = tmp_path / "step.mjs"
     step.write_text(IDENTITY_STEP)
-    run = subprocess.run(
-        runnerd_argv(profile, "run-step", str(step)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
+    result = run_step_file(
+        profile, step, env=runnerd_env(RUNNERD_NODE_PATH=str(node_without_addons))
     )
-    report = msgspec.json.decode(run.stdout)
-    assert report["ok"], report
-    assert report["output"]["argv"][0].endswith("node_runner.cjs")
+    assert result.report["ok"], result.report
+    assert result.output["argv"][0].endswith("node_runner.cjs")
 
 
 def _node_zygotes(parent: int) -> list[psutil.Process]:
