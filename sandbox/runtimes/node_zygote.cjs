@@ -10,9 +10,8 @@
 "use strict";
 
 const crypto = require("node:crypto");
-const path = require("node:path");
-const { serveOneStep } = require("./step_runner.cjs");
-const { Raw, decode, encode } = require("./msgpack.cjs");
+const vm = require("node:vm");
+const { rehearse, serveOneStep } = require("./step_runner.cjs");
 
 const [addonPath, controlFd, hostNetFd] = process.argv.slice(2);
 const threadsAtStart = threads();
@@ -25,26 +24,11 @@ warm().then(() => {
   serveOneStep({ layers: plan.layers, tmpdir: plan.tmpdir, outputMax: plan.output_max, exit: addon.exit });
 });
 
-// Compile here, once, what every child would otherwise compile for itself (V8 compiles a
-// function when it first runs): the ES module loader's paths and the runner's. A data: URL
-// needs no file read, so libuv's thread pool stays unstarted.
+// Compile here, once, what every child would otherwise compile for itself: the runner's path
+// from Ready to result, run on harmless ends (see rehearse), with the ES module loader's path
+// for a step's source.
 async function warm() {
-  const step = await import("data:text/javascript,export const run = (input) => input, where = (url) => import.meta.resolve(url);");
-  // A file's resolution (stat, realpath, package scope) and the CommonJS translator: neither
-  // reads through fs.promises (a CommonJS module is read synchronously).
-  const { pathToFileURL } = require("node:url");
-  step.where(pathToFileURL(path.join(__dirname, "msgpack.cjs")).href);
-  await import(pathToFileURL(path.join(__dirname, "msgpack.cjs")).href);
-  const request = { type: "request", source: "x", filename: "step.mjs", input: { a: [1, 2.5, "b"] }, env: {}, context: { execution_id: "e", step: "s", attempt: 1 } };
-  const result = { type: "result", ok: true, output: new Raw(encode(step.run(decode(encode(request))))), error: null, logs: [], duration_s: 0.5 };
-  decode(encode(result));
-  // What loading a step from its file runs: fs.promises (the module, not a read), a path's
-  // URL, a write. Nothing here opens a file of the host's but /dev/null.
-  const fs = require("node:fs");
-  void fs.promises;
-  pathToFileURL("/tmp/step.mjs");
-  fs.writeFileSync("/dev/null", "");
-  fs.realpathSync("/");
+  await rehearse({ layers: [], outputMax: 1024 * 1024 });
   // libuv's thread pool, once started here, would be missing in every child (its threads do
   // not survive a fork): refuse to serve, and JS steps start a node each.
   if (threads() !== threadsAtStart) throw new Error("the warm-up started threads");
@@ -77,7 +61,6 @@ function freshProcessState() {
   process.reallyExit = (code) => addon.exit(code ?? 0);
   process.on("exit", (code) => addon.exit(code ?? process.exitCode ?? 0));
   // A context made by `vm` is seeded from V8's generator, whose state is the zygote's too.
-  const vm = require("node:vm");
   const seeded = (context) => {
     if (context && typeof context === "object" && vm.isContext(context)) {
       Object.defineProperty(vm.runInContext("Math", context), "random", {

@@ -12,7 +12,7 @@
 
 const fs = require("node:fs");
 const path = require("node:path");
-const { pathToFileURL } = require("node:url");
+const Module = require("node:module");
 const { Raw, decode, encode } = require("./msgpack.cjs");
 
 const CHANNEL = 3;
@@ -20,30 +20,30 @@ const LOG_LINES_MAX = 1000;
 const LOG_LINE_MAX = 4096;
 const REQUEST_OVERHEAD = 64 * 1024 * 1024;
 
-function readExactly(n) {
+function readExactly(fd, n) {
   const buffer = Buffer.allocUnsafe(n);
   let got = 0;
   while (got < n) {
-    const count = fs.readSync(CHANNEL, buffer, got, n - got, null);
+    const count = fs.readSync(fd, buffer, got, n - got, null);
     if (count === 0) throw new Error(`channel closed after ${got} of ${n} bytes`);
     got += count;
   }
   return buffer;
 }
 
-function readFrame(max) {
-  const length = readExactly(4).readUInt32BE(0);
+function readFrame(fd, max) {
+  const length = readExactly(fd, 4).readUInt32BE(0);
   if (length > max) throw new Error(`frame of ${length} bytes exceeds the limit of ${max}`);
-  return decode(readExactly(length));
+  return decode(readExactly(fd, length));
 }
 
-function writeFrame(message) {
+function writeFrame(fd, message) {
   const payload = encode(message);
   const header = Buffer.alloc(4);
   header.writeUInt32BE(payload.length, 0);
   for (const part of [header, payload]) {
     let sent = 0;
-    while (sent < part.length) sent += fs.writeSync(CHANNEL, part, sent, part.length - sent);
+    while (sent < part.length) sent += fs.writeSync(fd, part, sent, part.length - sent);
   }
 }
 
@@ -63,14 +63,28 @@ function isModule(filename, source) {
   return /^\s*export\s/m.test(source);
 }
 
+// The step is compiled from its source as its author named it (stacks say `boom.mjs:2:18`),
+// never written to a file: an ES module is imported from a data: URL (a file would be read
+// through fs.promises, which starts libuv's thread pool, 4 threads, in every child), and a
+// CommonJS one is compiled as node's own loader would, with `require` from the step's tmpdir.
 async function loadStep(request, tmpdir) {
-  const extension = isModule(request.filename, request.source) ? ".mjs" : ".cjs";
-  const file = path.join(tmpdir, `step-${process.pid}${extension}`);
-  fs.writeFileSync(file, request.source);
-  const mod = await import(pathToFileURL(file).href);
+  const filename = String(request.filename || "step.mjs").replace(/[\r\n]/g, " ");
+  const mod = isModule(filename, request.source) ? await importSource(request.source, filename) : compileCommonJS(request.source, filename, tmpdir);
   const run = mod.run ?? mod.default?.run ?? (typeof mod.default === "function" ? mod.default : undefined);
   if (typeof run !== "function") throw new Error("the step exports no run(input, ctx)");
   return run;
+}
+
+function importSource(source, filename) {
+  const text = `${source}\n//# sourceURL=${filename}\n`;
+  return import(`data:text/javascript;base64,${Buffer.from(text).toString("base64")}`);
+}
+
+function compileCommonJS(source, filename, tmpdir) {
+  const step = new Module(path.join(tmpdir, path.basename(filename)), null);
+  step.paths = Module._nodeModulePaths(tmpdir);
+  step._compile(source, filename);
+  return { run: step.exports?.run, default: step.exports };
 }
 
 function seconds(started) {
@@ -133,10 +147,10 @@ function enterEnvironment(request, tmpdir) {
   process.chdir(tmpdir);
 }
 
-function releaseStdio() {
+function releaseStdio(fds = [1, 2]) {
   // Pipes are written synchronously by node on Linux, so nothing is pending; closing them lets
   // the caller see their end as soon as the result arrives.
-  for (const fd of [1, 2]) {
+  for (const fd of fds) {
     try { fs.closeSync(fd); } catch { /* already closed by the step */ }
   }
 }
@@ -144,20 +158,58 @@ function releaseStdio() {
 // config: { layers: [names], tmpdir, outputMax, exit(code) }
 async function serveOneStep(config) {
   try {
-    writeFrame({ type: "ready", layers: config.layers });
-    const request = readFrame(config.outputMax + REQUEST_OVERHEAD);
+    writeFrame(CHANNEL, { type: "ready", layers: config.layers });
+    const request = readFrame(CHANNEL, config.outputMax + REQUEST_OVERHEAD);
     if (request.type !== "request") throw new Error(`expected a request, got ${request.type}`);
     enterEnvironment(request, config.tmpdir);
     const result = await runStep(request, config);
     releaseStdio();
-    writeFrame(result);
+    writeFrame(CHANNEL, result);
     config.exit(0);
   } catch (err) {
     try {
-      writeFrame({ type: "result", ok: false, output: null, error: { type: "protocol", message: String(err?.message ?? err) }, logs: [] });
+      writeFrame(CHANNEL, { type: "result", ok: false, output: null, error: { type: "protocol", message: String(err?.message ?? err) }, logs: [] });
     } catch { /* the channel is gone: the caller sees the exit */ }
     config.exit(72);
   }
 }
 
-module.exports = { serveOneStep };
+// The zygote runs the child's path here, on harmless ends (/dev/null for the channel and
+// stdio, /dev/zero to read from, steps of its own), so that V8 compiles it once there: V8
+// compiles a function when it first runs, and each child would otherwise compile all of this
+// anew. Nothing here touches a host file or libuv's thread pool, and the zygote's environment,
+// working directory and listeners are left as they were.
+const REHEARSALS = [
+  ["rehearsal.mjs", "export async function run(input, ctx) { ctx.log.info('a', 1); await null; return { got: input }; }"],
+  ["rehearsal.cjs", "exports.run = (input, ctx) => { ctx.log.warn('b'); return [input]; };"],
+  ["rehearsal-failing.mjs", "export default function () { throw new TypeError('rehearsed'); }"],
+];
+
+async function rehearse(config) {
+  const sink = fs.openSync("/dev/null", "w");
+  const source = fs.openSync("/dev/zero", "r");
+  const cwd = process.cwd();
+  const env = { ...process.env };
+  try {
+    for (const [filename, code] of REHEARSALS) {
+      writeFrame(sink, { type: "ready", layers: config.layers });
+      readExactly(source, 4);
+      const request = decode(encode({
+        type: "request", source: code, filename, input: { a: [1, 2.5, "b"] }, env: {},
+        context: { execution_id: "e", step: "s", attempt: 1 }, output_max: config.outputMax,
+      }));
+      enterEnvironment(request, cwd);
+      writeFrame(sink, await runStep(request, { tmpdir: cwd, outputMax: config.outputMax }));
+    }
+    releaseStdio([fs.openSync("/dev/null", "r")]);
+  } finally {
+    for (const key of Object.keys(process.env)) delete process.env[key];
+    Object.assign(process.env, env);
+    process.removeAllListeners("uncaughtException");
+    process.removeAllListeners("unhandledRejection");
+    fs.closeSync(sink);
+    fs.closeSync(source);
+  }
+}
+
+module.exports = { rehearse, serveOneStep };

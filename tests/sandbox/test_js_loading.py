@@ -1,0 +1,85 @@
+"""How a JavaScript step's source becomes code: compiled as its author named it, never written to
+a file, with builtins (static and dynamic imports, require) at hand. On both JS paths: forked
+from the node zygote and a node exec'd per step (they share step_runner.cjs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_step_file, runnerd_env
+
+MODULE_STEP = """import path from "node:path";
+
+function helper(input) {
+  return input.deep.value;
+}
+
+export async function run(input, ctx) {
+  const { createHash } = await import("node:crypto");
+  if (input.fail) return helper(input);
+  const fs = await import("node:fs");
+  return {
+    joined: path.join("a", "b"),
+    hash: createHash("sha256").update("x").digest("hex").slice(0, 8),
+    tmpdir: fs.readdirSync(ctx.tmpdir),
+  };
+}
+"""
+
+COMMONJS_STEP = """const path = require("node:path");
+
+function helper(input) {
+  return input.deep.value;
+}
+
+exports.run = async (input, ctx) => {
+  const { createHash } = await import("node:crypto");
+  if (input.fail) return helper(input);
+  return {
+    joined: path.join("a", "b"),
+    hash: createHash("sha256").update("x").digest("hex").slice(0, 8),
+    tmpdir: require("node:fs").readdirSync(ctx.tmpdir),
+    filename: path.basename(__filename),
+  };
+};
+"""
+
+
+@pytest.fixture(params=["forked", "node per step"])
+def js_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    return runnerd_env(RUNNERD_NODE_FORK="true" if request.param == "forked" else "false")
+
+
+@pytest.mark.parametrize(
+    ("name", "source"), [("boom.mjs", MODULE_STEP), ("boom.js", COMMONJS_STEP)]
+)
+def test_step_runs_from_its_source_with_builtins_and_leaves_no_file(
+    profile: str, tmp_path: Path, js_env: dict[str, str], name: str, source: str
+) -> None:
+    step = tmp_path / name
+    step.write_text(source)
+    result = run_step_file(profile, step, "--input", "{}", env=js_env)
+    assert result.exit_code == 0, result.report
+    assert result.output["joined"] == "a/b"
+    assert result.output["hash"] == "2d711642"  # sha256("x")
+    assert result.output["tmpdir"] == []  # the step's source is nowhere on disk
+    if name == "boom.js":
+        assert result.output["filename"] == "boom.js"
+
+
+@pytest.mark.parametrize(
+    ("name", "source", "line"), [("boom.mjs", MODULE_STEP, 4), ("boom.js", COMMONJS_STEP, 4)]
+)
+def test_error_stack_names_the_authors_file_and_line(
+    profile: str, tmp_path: Path, js_env: dict[str, str], name: str, source: str, line: int
+) -> None:
+    step = tmp_path / name
+    step.write_text(source)
+    result = run_step_file(profile, step, "--input", '{"fail": true}', env=js_env)
+    assert result.error_type == "exception", result.report
+    message = result.report["error"]["message"]
+    assert message.startswith("TypeError: Cannot read properties of undefined"), message
+    assert f"{name}:{line}:" in message, message
+    assert "data:" not in message and "step-" not in message, message
