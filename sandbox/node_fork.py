@@ -21,6 +21,7 @@ import os
 import resource
 import select
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -172,14 +173,19 @@ def encode_recipe(plan: ChildPlan, clone_flags: int, parent_pid: int) -> bytes:
 
 @dataclass
 class NodeZygote:
-    process: subprocess.Popen[bytes]
+    """One node zygote, as the Python zygote sees it: node loads and warms the runner, forks
+    once and exits; its single-threaded copy, the server, is reparented to the Python zygote
+    and serves (see runtimes/node_fork.c). `pid` is the server's."""
+
     control: socket.socket
+    pid: int
+    reaped: bool = False
 
     @classmethod
     def start(
         cls, node_path: str, node_flags: tuple[str, ...], host_net: int, heap_mb: int
     ) -> NodeZygote:
-        """Start node with an empty environment; it serves once the runner is loaded."""
+        """Start node with an empty environment; returns once its server said hello."""
         if not node_path:
             raise NodeForkError("no node")
         addon = locate_or_build()
@@ -204,11 +210,17 @@ class NodeZygote:
             raise NodeForkError(f"node zygote: {exc.strerror}") from exc
         finally:
             theirs.close()
-        return cls(process, ours)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+        try:
+            pid = _hello(ours)
+        except NodeForkError:
+            ours.close()
+            process.kill()
+            raise
+        finally:
+            # Reaped here, before the Python zygote's own wait4(-1) could take it: node exits
+            # as soon as it has forked its server (or when it failed to).
+            process.wait()
+        return cls(ours, pid)
 
     def fork(self, recipe: bytes, fds: list[int]) -> int:
         """Fork one step child; returns its pid. OSError when this one could not be forked;
@@ -230,9 +242,25 @@ class NodeZygote:
         return pid
 
     def stop(self) -> None:
-        self.control.close()  # it exits when its control socket closes
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
+        self.control.close()  # the server exits when its control socket closes
+        if not self.reaped:  # still our unreaped child, so the pid is still the server's
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def _hello(control: socket.socket) -> int:
+    """The server's first message: its pid."""
+    ready, _, _ = select.select([control], [], [], START_TIMEOUT_S)
+    if not ready:
+        raise NodeForkError("the node zygote did not start")
+    try:
+        hello = control.recv(256)
+    except OSError as exc:
+        raise NodeForkError(f"the node zygote did not start: {exc.strerror}") from exc
+    if len(hello) < 4 or struct.unpack("<i", hello[:4])[0] <= 0:
+        raise NodeForkError("the node zygote did not start")
+    pid: int = struct.unpack("<i", hello[:4])[0]
+    return pid
 
 
 def heap_mb(memory_mb: int) -> int:
@@ -289,8 +317,10 @@ class NodeForks:
 
     def lost(self, pid: int) -> bool:
         """A reaped pid: was it one of ours? Then the fork path is off."""
-        if not any(zygote.pid == pid for zygote in self.zygotes.values()):
+        dead = [zygote for zygote in self.zygotes.values() if zygote.pid == pid]
+        if not dead:
             return False
+        dead[0].reaped = True
         self.fail("a node zygote died")
         return True
 

@@ -9,16 +9,17 @@
  * (the layout is in sandbox/node_fork.py, `encode_recipe`) and four fds: the step channel, the
  * stdout and stderr pipes, and the read end of the go-ahead pipe. For each:
  *
- *   zygote --fork(3)--> intermediate --clone(2) with the namespace flags--> step child
+ *   node --fork(3), once--> the server --clone(2) with the namespace flags, per step--> step child
  *
- * fork(3) and not a raw clone: libc and libuv reset their state for the child in pthread_atfork
- * handlers (libuv's thread pool, its signal lock pipe), which only fork(3) runs, and the zygote
- * has threads (node's inspector and platform threads), after which only fork(3) is safe. The
- * intermediate is single-threaded, so the raw clone from it is safe, and the clone is how the
- * namespace flags are given (a pid namespace takes effect only for a new child). The
- * intermediate exits at once: the step child is reparented to the Python zygote (the nearest
- * subreaper), which reaps it, writes its id maps and cgroups, and then says go, exactly as for
- * a child it cloned itself.
+ * The node that loaded and warmed the runner has threads (node's platform and inspector
+ * threads); after those only fork(3) is safe, which also runs the atfork handlers that libc and
+ * libuv need (libuv's signal lock pipe). So it forks once, and exits: its single-threaded copy,
+ * the server, is reparented to the Python zygote (the nearest subreaper) and serves from then
+ * on, in C, never running JavaScript. It clones each step child with CLONE_PARENT and the
+ * namespace flags (a pid namespace takes effect only for a new child): one copy of the address
+ * space per step, made by a single-threaded process. The child's parent is the Python zygote,
+ * which reaps it, writes its id maps and cgroups, and then says go, exactly as for a child it
+ * cloned itself. The server says hello with its pid first; the Python zygote watches that pid.
  *
  * The child then applies the layers in the order of sandbox/layers/__init__.py RECIPE, failing
  * closed: a failed layer sends a `sandbox` error frame and exits with 71.
@@ -40,7 +41,6 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <sys/wait.h>
 #include <unistd.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -157,40 +157,15 @@ static void send_layer_error(int fd, const char *layer, int err) {
   (void)unused;
 }
 
-/* --- fds: what the zygote had open, so that the child can tell it from what is its own ------ */
-#define SNAPSHOT_MAX 1024
-struct fd_seen { int fd; dev_t dev; ino_t ino; };
-static struct fd_seen snapshot[SNAPSHOT_MAX];
-static int snapshot_len;
-
-static void take_snapshot(void) {
-  snapshot_len = 0;
-  DIR *dir = opendir("/proc/self/fd");
-  if (!dir) return;
-  struct dirent *entry;
-  while ((entry = readdir(dir)) && snapshot_len < SNAPSHOT_MAX) {
-    int fd = atoi(entry->d_name);
-    struct stat st;
-    if (entry->d_name[0] == '.' || fd == dirfd(dir) || fstat(fd, &st) != 0) continue;
-    snapshot[snapshot_len++] = (struct fd_seen){fd, st.st_dev, st.st_ino};
-  }
-  closedir(dir);
-}
-
-static int inherited(int fd) {
-  struct stat st;
-  if (fstat(fd, &st) != 0) return 0;
-  for (int i = 0; i < snapshot_len; i++)
-    if (snapshot[i].fd == fd) return snapshot[i].dev == st.st_dev && snapshot[i].ino == st.st_ino;
-  return 0;
-}
+#define FDS_MAX 1024
 
 /* Layer close_fds. 0 = /dev/null, 1 = stdout, 2 = stderr, 3 = the step channel, as in
- * sandbox/layers/fds.py. Every other fd the zygote had is replaced by /dev/null at the same
- * number rather than closed: libuv still holds the numbers of the zygote's loop and closes them
- * in uv_loop_fork, and a closed number could by then be a new fd of the child's. What the
- * atfork handlers made anew in the intermediate (libuv's signal lock pipe) is the child's own
- * and stays. Nothing of the zygote's is reachable afterwards. */
+ * sandbox/layers/fds.py. Every other fd is the server's, and is replaced by /dev/null at the
+ * same number rather than closed: libuv still holds the numbers of node's loop and closes them
+ * in uv_loop_fork, and a closed number could by then be a new fd of the child's. That includes
+ * libuv's signal lock pipe, which every child would otherwise share: its lock then reads
+ * /dev/null, which takes it at once (a child has one thread that uses it). Nothing of the
+ * server's is reachable afterwards. */
 static int arrange_fds(const int fds[4]) {
   int staged[3];
   for (int i = 0; i < 3; i++)
@@ -207,12 +182,14 @@ static int arrange_fds(const int fds[4]) {
   if (!dir) return -1;
   int listing = dirfd(dir), ours[] = {staged[0], staged[1], staged[2], devnull, listing};
   struct dirent *entry;
-  int to_cover[SNAPSHOT_MAX], n = 0;
-  while ((entry = readdir(dir)) && n < SNAPSHOT_MAX) {
+  int to_cover[FDS_MAX], n = 0;
+  while ((entry = readdir(dir))) {
     if (entry->d_name[0] == '.') continue;
     int fd = atoi(entry->d_name), own = 0;
     for (size_t i = 0; i < sizeof ours / sizeof *ours; i++) own |= fd == ours[i];
-    if (fd > CHANNEL && !own && inherited(fd)) to_cover[n++] = fd;
+    if (fd <= CHANNEL || own) continue;
+    if (n == FDS_MAX) { closedir(dir); errno = EMFILE; return -1; }
+    to_cover[n++] = fd;
   }
   closedir(dir);
   for (int i = 0; i < n; i++)
@@ -302,8 +279,8 @@ static void confine(const struct recipe *r, const int fds[4]) {
   int fd = fds[0]; /* where a layer failure is reported: the channel, at 3 once arranged */
   if (setsid() < 0 || read(fds[3], &go, 1) != 1 || go != '1') _exit(EXIT_SETUP);
   close(fds[3]);
-  /* Only now is the parent the Python zygote (the intermediate that cloned this child is
-   * gone): the parent-death signal is armed against it, and checked. */
+  /* The parent is the Python zygote (CLONE_PARENT): the parent-death signal is armed against
+   * it, and checked. */
   if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) || !parent_is_zygote(r)) _exit(EXIT_SETUP);
 #define LAYER(bit, call)                                                                       \
   if (HAS(r, bit) && (call) != 0) { send_layer_error(fd, LAYER_NAMES[bit], errno); _exit(EXIT_LAYER); }
@@ -381,19 +358,30 @@ static ssize_t receive(int control, uint8_t *data, int fds[4]) {
   return size;
 }
 
-/* In the intermediate: clone the step child and tell the zygote its pid (or -errno). */
-static void intermediate(const struct recipe *r, int host_net, int result_fd, const int fds[4]) {
-  int32_t pid;
-  if (r->network && host_net >= 0 && setns(host_net, CLONE_NEWNET) != 0) {
-    pid = -errno;
-  } else {
-    pid = (int32_t)syscall(SYS_clone, (unsigned long)(r->clone_flags | SIGCHLD), 0, 0, 0, 0);
-    if (pid == 0) { close(result_fd); confine(r, fds); return; }
-    if (pid < 0) pid = -errno;
+/* Clone one step child from the server, straight into the Python zygote's care (CLONE_PARENT).
+ * A step with network is cloned from the host's network namespace; the server itself goes
+ * back to its empty one at once, and exits if it cannot (it must never clone a step without
+ * network from the host's). Returns the pid, 0 in the child, or -errno. */
+static pid_t clone_step(const struct recipe *r, int host_net, int own_net) {
+  int in_host = r->network && host_net >= 0;
+  if (in_host && setns(host_net, CLONE_NEWNET) != 0) return -errno;
+  pid_t pid = (pid_t)syscall(SYS_clone, (unsigned long)(r->clone_flags | CLONE_PARENT | SIGCHLD),
+                             0, 0, 0, 0);
+  if (pid == 0) return 0;
+  int error = errno;
+  if (in_host && setns(own_net, CLONE_NEWNET) != 0) _exit(EXIT_SETUP);
+  return pid < 0 ? -error : pid;
+}
+
+/* In the server: wait until the node that forked it is gone, so that the Python zygote (the
+ * nearest subreaper) is the parent, and arm the parent-death signal against it. */
+static void become_the_server(int control, pid_t node, pid_t zygote) {
+  for (int waited = 0; getppid() == node; waited++) {
+    if (waited > 50000) _exit(EXIT_SETUP); /* 5 s */
+    usleep(100);
   }
-  ssize_t unused = write(result_fd, &pid, 4);
-  (void)unused;
-  _exit(0);
+  if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) || getppid() != zygote) _exit(EXIT_SETUP);
+  reply(control, (int32_t)getpid(), NULL); /* hello: the pid to watch from now on */
 }
 
 static struct uv_loop_s *loop;
@@ -409,38 +397,32 @@ static napi_value serve(napi_env env, napi_callback_info info) {
     return NULL;
   }
   napi_get_uv_event_loop(env, &loop);
-  prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0); /* never outlive the Python zygote */
   let_the_heap_fork();
+  int own_net = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
+  pid_t node = getpid(), zygote = getppid();
+  if (own_net < 0) { napi_throw_error(env, NULL, "/proc/self/ns/net"); return NULL; }
+  pid_t server = fork();
+  if (server < 0) { napi_throw_error(env, NULL, "fork"); return NULL; }
+  if (server > 0) _exit(0); /* the node with threads is done; its copy serves */
+  become_the_server(control, node, zygote);
   static uint8_t request[REQUEST_MAX];
   for (;;) {
-    int fds[4] = {-1, -1, -1, -1}, result[2];
+    int fds[4] = {-1, -1, -1, -1};
     ssize_t size = receive(control, request, fds);
     if (size < 0) { reply(control, -EINVAL, "a malformed request"); continue; }
     if (decode_recipe(request, (size_t)size, &current) != 0) {
       close_all(fds, 4); reply(control, -EINVAL, "a malformed recipe"); continue;
     }
-    if (pipe2(result, O_CLOEXEC) != 0) {
-      close_all(fds, 4); reply(control, -errno, "pipe"); continue;
-    }
-    take_snapshot();
-    pid_t middle = fork();
-    if (middle == 0) {
-      close(result[0]);
-      intermediate(&current, host_net, result[1], fds);
+    pid_t pid = clone_step(&current, host_net, own_net);
+    if (pid == 0) {
+      confine(&current, fds);
       /* Only the step child gets here, confined. */
       if (uv_loop_fork(loop) != 0) _exit(EXIT_SETUP);
       napi_value extra;
       napi_create_string_utf8(env, current.extra, current.extra_len, &extra);
       return extra;
     }
-    int32_t pid = middle < 0 ? -errno : -ECHILD;
-    close(result[1]);
     close_all(fds, 4);
-    if (middle > 0) {
-      while (waitpid(middle, NULL, 0) < 0 && errno == EINTR) {}
-      if (read(result[0], &pid, 4) != 4) pid = -ECHILD;
-    }
-    close(result[0]);
     reply(control, pid, pid > 0 ? NULL : strerror(-pid));
   }
 }

@@ -293,19 +293,21 @@ def run_step_with_env(tmp_path: Path, profile: str) -> RunStep:
 
 @pytest.fixture
 def run_sequence(tmp_path: Path, profile: str) -> RunSequence:
-    """run_sequence([(source, suffix[, input]), ...]) -> [report, ...]: the steps run one after
-    another on one Spawner (one zygote, warm pool, code cache), as a long-running runnerd runs
-    them. Steps with the same source share one file, so they are the same step to the cache."""
+    """run_sequence([(source, suffix[, input[, network]]), ...]) -> [report, ...]: the steps run
+    one after another on one Spawner (one zygote, warm pool, code cache), as a long-running
+    runnerd runs them. Steps with the same source share one file, so they are the same step to
+    the cache."""
 
     def run(steps: list[tuple[Any, ...]], timeout_s: float = 60) -> list[dict[str, Any]]:
         files: dict[tuple[str, str], str] = {}
         entries = []
-        for source, suffix, *value in steps:
+        for source, suffix, *rest in steps:
             if (source, suffix) not in files:
                 path = tmp_path / f"step{len(files)}{suffix}"
                 path.write_text(source)
                 files[source, suffix] = str(path)
-            entries.append({"file": files[source, suffix], "input": value[0] if value else None})
+            entry = {"file": files[source, suffix], "input": rest[0] if rest else None}
+            entries.append({**entry, "network": len(rest) > 1 and bool(rest[1])})
         argv = [sys.executable, str(SEQUENCE_DRIVER), json.dumps(entries)]
         if profile == "fargate":
             argv = [sys.executable, str(FARGATE_LAUNCHER), *argv]

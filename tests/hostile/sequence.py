@@ -5,6 +5,8 @@ Spawner's code cache carries over as it does in the daemon.
 
     python tests/hostile/sequence.py '[{"file": "a.py", "input": 1}, {"file": "b.mjs"}]'
 
+An entry may say `"network": true`.
+
 Settings (uid base, node path) come from the environment, as for `runnerd run-step`.
 """
 
@@ -24,6 +26,7 @@ from runnerd.cli import RUNTIMES
 from runnerd.outcomes import outcome_json
 from runnerd.spawner import Spawner, StepSpec
 from runnerd.zygote_link import SandboxOptions
+from sandbox.protocol import Limits
 
 POOL_SIZE = 2
 
@@ -31,7 +34,8 @@ POOL_SIZE = 2
 def step_spec(entry: dict[str, Any]) -> StepSpec:
     path = Path(entry["file"])
     data = msgspec.msgpack.encode(entry.get("input"))
-    return StepSpec(RUNTIMES[path.suffix], path.name, path.read_text(), data)
+    limits = Limits(network=bool(entry.get("network")))
+    return StepSpec(RUNTIMES[path.suffix], path.name, path.read_text(), data, limits)
 
 
 async def run_all(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -253,3 +254,56 @@ def test_when_the_node_zygote_dies_js_steps_go_on_with_a_node_each() -> None:
     before, after = asyncio.run(scenario())
     assert not before[0].endswith("node_runner.cjs")
     assert all(argv.endswith("node_runner.cjs") for argv in after)
+
+
+CONNECT_STEP = """
+import net from "node:net";
+import fs from "node:fs";
+
+export function run(port) {
+  return new Promise((resolve) => {
+    const netns = fs.readlinkSync("/proc/self/ns/net");
+    const socket = net.connect(port, "127.0.0.1");
+    socket.setTimeout(3000, () => { socket.destroy(); resolve([netns, "timeout"]); });
+    socket.on("connect", () => { socket.destroy(); resolve([netns, "connected"]); });
+    socket.on("error", (err) => resolve([netns, err.code ?? String(err)]));
+  });
+}
+"""
+
+
+def test_a_step_with_network_leaves_the_next_ones_without(
+    run_sequence: RunSequence, profile: str
+) -> None:
+    # The node zygote clones a step with network from the host's network namespace and goes
+    # back to its empty one at once: the steps after it, forked from the same node zygote,
+    # must be without network again.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        plan = [False, True, False, True, False]
+        reports = run_sequence([(CONNECT_STEP, ".mjs", port, network) for network in plan])
+    assert all(report["ok"] for report in reports), reports
+    outcomes = [report["output"][1] for report in reports]
+    assert outcomes == ["EPERM", "connected", "EPERM", "connected", "EPERM"]  # seccomp's answer
+    if "netns" in reports[0]["layers"]:  # and beneath it, no network to reach
+        namespaces = [report["output"][0] for report in reports]
+        assert len({namespaces[i] for i in (0, 2, 4)}) == 1  # the empty one, shared
+        assert namespaces[1] == namespaces[3] != namespaces[0]
+
+
+SIGNAL_STEP = """
+export function run() {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve("not handled"), 5000);
+    process.on("SIGUSR2", () => { clearTimeout(timer); resolve("handled"); });
+    process.kill(process.pid, "SIGUSR2");
+  });
+}
+"""
+
+
+def test_a_forked_child_handles_its_own_signals(run_sequence: RunSequence) -> None:
+    # libuv's signal lock is a pipe node made before the fork: each child's is /dev/null
+    # instead (a shared one would be a channel between steps), which must still work.
+    reports = run_sequence([(SIGNAL_STEP, ".mjs")] * 2)
+    assert [report.get("output") for report in reports] == ["handled", "handled"], reports
