@@ -11,7 +11,8 @@
 
 const crypto = require("node:crypto");
 const vm = require("node:vm");
-const { rehearse, serveOneStep } = require("./step_runner.cjs");
+const { rehearse } = require("./step_rehearsal.cjs");
+const { serveOneStep } = require("./step_runner.cjs");
 
 const [addonPath, controlFd, hostNetFd] = process.argv.slice(2);
 const threadsAtStart = threads();

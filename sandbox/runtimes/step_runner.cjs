@@ -14,6 +14,7 @@ const fs = require("node:fs");
 const path = require("node:path");
 const Module = require("node:module");
 const { Raw, decode, encode } = require("./msgpack.cjs");
+const { describe } = require("./step_errors.cjs");
 
 const CHANNEL = 3;
 const LOG_LINES_MAX = 1000;
@@ -67,8 +68,12 @@ function isModule(filename, source) {
 // never written to a file: an ES module is imported from a data: URL (a file would be read
 // through fs.promises, which starts libuv's thread pool, 4 threads, in every child), and a
 // CommonJS one is compiled as node's own loader would, with `require` from the step's tmpdir.
+function stepFilename(request) {
+  return String(request.filename || "step.mjs").replace(/[\r\n]/g, " ");
+}
+
 async function loadStep(request, tmpdir) {
-  const filename = String(request.filename || "step.mjs").replace(/[\r\n]/g, " ");
+  const filename = stepFilename(request);
   const mod = isModule(filename, request.source) ? await importSource(request.source, filename) : compileCommonJS(request.source, filename, tmpdir);
   const run = mod.run ?? mod.default?.run ?? (typeof mod.default === "function" ? mod.default : undefined);
   if (typeof run !== "function") throw new Error("the step exports no run(input, ctx)");
@@ -93,10 +98,6 @@ function seconds(started) {
 
 function failure(type, message, started, lines) {
   return { type: "result", ok: false, output: null, error: { type, message }, logs: lines, duration_s: seconds(started) };
-}
-
-function describe(err) {
-  return err instanceof Error ? `${err.name}: ${err.message}\n${err.stack ?? ""}`.trimEnd() : `thrown: ${String(err)}`;
 }
 
 // An error thrown in a callback or a promise nobody awaited ends the step as an exception,
@@ -126,7 +127,7 @@ async function runStep(request, config) {
     };
     value = await Promise.race([run(request.input, ctx), escaped]);
   } catch (err) {
-    return failure("exception", describe(err), started, lines);
+    return failure("exception", describe(err, stepFilename(request), request.source), started, lines);
   }
   let output;
   try {
@@ -174,42 +175,5 @@ async function serveOneStep(config) {
   }
 }
 
-// The zygote runs the child's path here, on harmless ends (/dev/null for the channel and
-// stdio, /dev/zero to read from, steps of its own), so that V8 compiles it once there: V8
-// compiles a function when it first runs, and each child would otherwise compile all of this
-// anew. Nothing here touches a host file or libuv's thread pool, and the zygote's environment,
-// working directory and listeners are left as they were.
-const REHEARSALS = [
-  ["rehearsal.mjs", "export async function run(input, ctx) { ctx.log.info('a', 1); await null; return { got: input }; }"],
-  ["rehearsal.cjs", "exports.run = (input, ctx) => { ctx.log.warn('b'); return [input]; };"],
-  ["rehearsal-failing.mjs", "export default function () { throw new TypeError('rehearsed'); }"],
-];
-
-async function rehearse(config) {
-  const sink = fs.openSync("/dev/null", "w");
-  const source = fs.openSync("/dev/zero", "r");
-  const cwd = process.cwd();
-  const env = { ...process.env };
-  try {
-    for (const [filename, code] of REHEARSALS) {
-      writeFrame(sink, { type: "ready", layers: config.layers });
-      readExactly(source, 4);
-      const request = decode(encode({
-        type: "request", source: code, filename, input: { a: [1, 2.5, "b"] }, env: {},
-        context: { execution_id: "e", step: "s", attempt: 1 }, output_max: config.outputMax,
-      }));
-      enterEnvironment(request, cwd);
-      writeFrame(sink, await runStep(request, { tmpdir: cwd, outputMax: config.outputMax }));
-    }
-    releaseStdio([fs.openSync("/dev/null", "r")]);
-  } finally {
-    for (const key of Object.keys(process.env)) delete process.env[key];
-    Object.assign(process.env, env);
-    process.removeAllListeners("uncaughtException");
-    process.removeAllListeners("unhandledRejection");
-    fs.closeSync(sink);
-    fs.closeSync(source);
-  }
-}
-
-module.exports = { rehearse, serveOneStep };
+// For step_rehearsal.cjs, which runs this path in the node zygote.
+module.exports = { serveOneStep, parts: { decode, encode, enterEnvironment, readExactly, releaseStdio, runStep, writeFrame } };

@@ -80,6 +80,62 @@ def test_error_stack_names_the_authors_file_and_line(
     result = run_step_file(profile, step, "--input", '{"fail": true}', env=js_env)
     assert result.error_type == "exception", result.report
     message = result.report["error"]["message"]
-    assert message.startswith("TypeError: Cannot read properties of undefined"), message
+    assert "\n\nTypeError: Cannot read properties of undefined" in message, message
     assert f"{name}:{line}:" in message, message
     assert "data:" not in message and "step-" not in message, message
+
+
+SYNTAX_ERRORS = {
+    "bad.mjs": 'import path from "node:path";\n'
+    "export function run(input) {\n  return input..x;\n}\n",
+    "bad.js": "exports.run = function (input) {\n  return input..x;\n};\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYNTAX_ERRORS))
+def test_a_syntax_error_shows_the_file_line_and_caret(
+    profile: str, tmp_path: Path, js_env: dict[str, str], name: str
+) -> None:
+    step = tmp_path / name
+    step.write_text(SYNTAX_ERRORS[name])
+    line = 3 if name == "bad.mjs" else 2
+    result = run_step_file(profile, step, env=js_env)
+    assert result.error_type == "exception", result.report
+    message = result.report["error"]["message"]
+    assert message == (
+        f"{name}:{line}\n  return input..x;\n               ^\n\nSyntaxError: Unexpected token '.'"
+    )
+
+
+def test_an_error_shows_the_authors_line_once_without_runtime_frames(
+    profile: str, tmp_path: Path, js_env: dict[str, str]
+) -> None:
+    step = tmp_path / "boom.mjs"
+    step.write_text(MODULE_STEP)
+    result = run_step_file(profile, step, "--input", '{"fail": true}', env=js_env)
+    lines = result.report["error"]["message"].splitlines()
+    assert lines[:3] == ["boom.mjs:4", "  return input.deep.value;", "                    ^"]
+    assert lines[4].startswith("TypeError: Cannot read properties of undefined (reading 'value')")
+    assert sum("Cannot read properties" in line for line in lines) == 1  # the message, once
+    frames = lines[5:]
+    assert frames[0].strip() == "at helper (boom.mjs:4:21)", frames
+    assert all("boom.mjs" in frame for frame in frames), frames  # no runner, no node:internal
+
+
+def test_an_error_thrown_in_a_callback_points_at_its_line(
+    profile: str, tmp_path: Path, js_env: dict[str, str]
+) -> None:
+    step = tmp_path / "late.mjs"
+    step.write_text(
+        "export function run() {\n"
+        "  return new Promise(() => {\n"
+        "    setTimeout(() => { null.x; }, 1);\n"
+        "  });\n"
+        "}\n"
+    )
+    result = run_step_file(profile, step, env=js_env)
+    assert result.error_type == "exception", result.report
+    message = result.report["error"]["message"]
+    assert message.startswith("late.mjs:3\n    setTimeout(() => { null.x; }, 1);\n"), message
+    assert "at Timeout._onTimeout (late.mjs:3:29)" in message
+    assert "node:internal" not in message

@@ -1,0 +1,85 @@
+// What a step's author sees of an error: node's own uncaught-error form, pointed at their file.
+//
+//   boom.mjs:4
+//     return input.deep.value;
+//                       ^
+//
+//   TypeError: Cannot read properties of undefined (reading 'value')
+//       at helper (boom.mjs:4:23)
+//       at run (boom.mjs:9:31)
+//
+// The message appears once, the runner's and node's internal frames are dropped, and the line
+// shown is the first of the stack that is in the author's file. V8 gives an ES module's syntax
+// error no position at all; acorn (vendor/acorn.js, MIT) finds it, parsed only then. Its source
+// is read when this module loads, so that a forked child, whose view may not hold this
+// directory, has it too.
+
+"use strict";
+
+const fs = require("node:fs");
+const path = require("node:path");
+const Module = require("node:module");
+
+const ACORN_SOURCE = fs.readFileSync(path.join(__dirname, "vendor", "acorn.js"), "utf8");
+const RUNTIME_FILES = /[/(](step_runner|step_errors|node_runner|node_zygote|msgpack)\.cjs:|\(node:internal\/|^\s*at node:internal\//;
+
+function describe(err, filename, source) {
+  if (!(err instanceof Error)) return `thrown: ${String(err)}`;
+  const heading = `${err.name}: ${err.message}`;
+  const stack = typeof err.stack === "string" ? err.stack : heading;
+  const frames = stack.split("\n").filter((line) => /^\s+at /.test(line) && !RUNTIME_FILES.test(line));
+  let where = err instanceof SyntaxError ? syntaxPosition(stack, filename, source) : null;
+  where ??= firstFrameIn(frames, filename);
+  const shown = where ? pointAt(filename, source, where) : "";
+  return `${shown}${heading}${frames.length ? `\n${frames.join("\n")}` : ""}`;
+}
+
+// node already puts "file:line\ncode\n   ^\n\n" before a script's syntax error (CommonJS).
+function syntaxPosition(stack, filename, source) {
+  const decorated = stack.match(new RegExp(`^${escape(filename)}:(\\d+)\\n`));
+  if (decorated) return { line: Number(decorated[1]), column: caretColumn(stack) };
+  try {
+    parser().parse(source, { ecmaVersion: "latest", sourceType: "module", allowHashBang: true, allowAwaitOutsideFunction: true });
+  } catch (err) {
+    if (err?.loc) return { line: err.loc.line, column: err.loc.column + 1 };
+  }
+  return null;
+}
+
+function caretColumn(stack) {
+  const caret = stack.split("\n")[2]?.indexOf("^");
+  return caret >= 0 ? caret + 1 : 1;
+}
+
+function firstFrameIn(frames, filename) {
+  const pattern = new RegExp(`[ (]${escape(filename)}:(\\d+):(\\d+)\\)?$`);
+  for (const frame of frames) {
+    const found = frame.match(pattern);
+    if (found) return { line: Number(found[1]), column: Number(found[2]) };
+  }
+  return null;
+}
+
+function pointAt(filename, source, { line, column }) {
+  const text = String(source).split("\n")[line - 1];
+  if (text === undefined) return `${filename}:${line}\n\n`;
+  const shown = text.replace(/\r$/, "").slice(0, 400);
+  const pad = shown.slice(0, Math.max(0, column - 1)).replace(/[^\t]/g, " ");
+  return `${filename}:${line}\n${shown}\n${pad}^\n\n`;
+}
+
+let acorn;
+function parser() {
+  if (!acorn) {
+    const loaded = new Module("acorn.js", null);
+    loaded._compile(ACORN_SOURCE, "acorn.js");
+    acorn = loaded.exports;
+  }
+  return acorn;
+}
+
+function escape(text) {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+}
+
+module.exports = { describe };
