@@ -97,7 +97,7 @@ def test_javascript_exception(run_step) -> None:
     result = run_step("export function run() { throw new TypeError('nope'); }\n", suffix=".mjs")
     assert result.exit_code == 1
     assert result.error_type == "exception"
-    assert result.report["error"]["message"].startswith("TypeError: nope")
+    assert "\n\nTypeError: nope" in result.report["error"]["message"]
 
 
 def test_exec_step_json_in_and_out(profile) -> None:
