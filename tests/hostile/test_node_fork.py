@@ -307,3 +307,33 @@ def test_a_forked_child_handles_its_own_signals(run_sequence: RunSequence) -> No
     # instead (a shared one would be a channel between steps), which must still work.
     reports = run_sequence([(SIGNAL_STEP, ".mjs")] * 2)
     assert [report.get("output") for report in reports] == ["handled", "handled"], reports
+
+
+def test_a_node_zygote_that_stops_answering_fails_that_step_and_is_not_used_again() -> None:
+    # A fork with no answer may have made a child that holds the step's fds already: that
+    # spawn fails (it is not retried with the same fds), and JS steps then start a node each.
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    step = StepSpec("node", "step.mjs", IDENTITY_STEP, msgspec.msgpack.encode(None))
+
+    async def scenario() -> tuple[str, list[str]]:
+        options = SandboxOptions(uid_base=UID_BASE, slots=8, node_path=node)
+        spawner = await Spawner.start(options, pool_size=0)
+        try:
+            assert (await spawner.run_step(step)).ok
+            (server,) = [z for z in _node_zygotes(os.getpid()) if z.uids().real == 0]
+            server.suspend()  # alive, holding its control socket, answering nothing
+            stuck = await spawner.run_step(step)
+            assert not stuck.ok and stuck.error is not None
+            after = [await spawner.run_step(step) for _ in range(2)]
+            assert all(outcome.ok for outcome in after), after
+            assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+            argv = [msgspec.msgpack.decode(outcome.output)["argv"][0] for outcome in after]
+            return stuck.error.type, argv
+        finally:
+            await spawner.close()
+
+    error_type, argv = asyncio.run(scenario())
+    assert error_type == "sandbox"
+    assert all(path.endswith("node_runner.cjs") for path in argv)
