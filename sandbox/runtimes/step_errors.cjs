@@ -23,10 +23,11 @@ const Module = require("node:module");
 const ACORN_SOURCE = fs.readFileSync(path.join(__dirname, "vendor", "acorn.js"), "utf8");
 const RUNTIME_FILES = /[/(](step_runner|step_errors|node_runner|node_zygote|msgpack)\.cjs:|\(node:internal\/|^\s*at node:internal\//;
 
-function describe(err, filename, source) {
+// compiledAs: the path a CommonJS step was compiled under, shown as the author's file name.
+function describe(err, filename, source, compiledAs) {
   if (!(err instanceof Error)) return `thrown: ${String(err)}`;
   const heading = `${err.name}: ${err.message}`;
-  const stack = typeof err.stack === "string" ? err.stack : heading;
+  const stack = (typeof err.stack === "string" ? err.stack : heading).split(compiledAs).join(filename);
   const frames = stack.split("\n").filter((line) => /^\s+at /.test(line) && !RUNTIME_FILES.test(line));
   let where = err instanceof SyntaxError ? syntaxPosition(stack, filename, source) : null;
   where ??= firstFrameIn(frames, filename);

@@ -85,11 +85,17 @@ function importSource(source, filename) {
   return import(`data:text/javascript;base64,${Buffer.from(text).toString("base64")}`);
 }
 
+// Compiled under its path in the tmpdir, which node 18 needs to resolve a dynamic import() from
+// it; step_errors puts the author's name back in what they see.
 function compileCommonJS(source, filename, tmpdir) {
-  const step = new Module(path.join(tmpdir, path.basename(filename)), null);
+  const step = new Module(commonJSPath(filename, tmpdir), null);
   step.paths = Module._nodeModulePaths(tmpdir);
-  step._compile(source, filename);
+  step._compile(source, step.id);
   return { run: step.exports?.run, default: step.exports };
+}
+
+function commonJSPath(filename, tmpdir) {
+  return path.join(tmpdir, path.basename(filename));
 }
 
 function seconds(started) {
@@ -127,7 +133,9 @@ async function runStep(request, config) {
     };
     value = await Promise.race([run(request.input, ctx), escaped]);
   } catch (err) {
-    return failure("exception", describe(err, stepFilename(request), request.source), started, lines);
+    const filename = stepFilename(request);
+    const shown = describe(err, filename, request.source, commonJSPath(filename, config.tmpdir));
+    return failure("exception", shown, started, lines);
   }
   let output;
   try {
