@@ -1,5 +1,7 @@
 """The link to one confined child: its step channel, its captured stdout and stderr, and how its
-end becomes a StepOutcome (a result frame, checked again here, or a death classified).
+end becomes a StepOutcome (a result frame, checked again here, or a death classified). The
+step's `ctx.log` lines arrive as Log frames before the result and are kept as they come, so a
+step killed before it answers keeps them too.
 
 A child's frames are written by the step's own process, so they are bounded before they are
 decoded (sandbox/bounded.py). The wall clock is enforced here, from outside the child: past
@@ -27,6 +29,7 @@ from sandbox.protocol import (
     Compiled,
     Exited,
     Limits,
+    Log,
     Ready,
     StepError,
     StepRequest,
@@ -40,6 +43,9 @@ STDIO_GRACE_S = 1.0  # after the result: how long to wait for the last of stdout
 EXIT_GRACE_S = 1.0  # after its result: how long a child may take to exit before it is killed
 LOG_LINES_MAX = 1000
 LOG_LINE_MAX = 4096
+LOG_BYTES_MAX = LOG_LINES_MAX * (LOG_LINE_MAX * 4 + 64)  # all of a step's Log frames together
+# What a child may say of its own end once it has its request; the rest only the caller tells.
+CHILD_ERROR_TYPES = frozenset({"exception", "fatal", "output_limit", "memory", "protocol"})
 ERROR_MESSAGE_MAX = 64 * 1024  # characters of a step's error message kept
 # A result frame is the output inside a map (type, ok, error, logs, duration_s, output): one
 # level deeper than the output, and a few items plus its log lines more.
@@ -95,6 +101,8 @@ class Child:
         self.stderr = TailBuffer(limits.stdio_kb * 1024)
         self.channel: socket.socket  # non-blocking; read and written with the loop's sock_*
         self.drains: list[asyncio.Task[None]] = []
+        self.logs: list[str] = []  # ctx.log lines streamed so far (Log frames), bounded
+        self.frame_bytes = 0  # the size of the last frame read
 
     @classmethod
     async def attach(
@@ -118,6 +126,7 @@ class Child:
     async def read_frame(self, max_len: int) -> protocol.FromChild:
         header = await self._recv_exactly(protocol.FRAME_HEADER.size)
         payload = await self._recv_exactly(protocol.frame_length(header, max_len))
+        self.frame_bytes = len(payload)
         return _decode_frame(payload)
 
     async def _recv_exactly(self, size: int) -> bytearray | mmap.mmap:
@@ -182,11 +191,20 @@ class Child:
             async with asyncio.timeout(self.limits.wall_s):
                 for buffer in protocol.frame_buffers(request):
                     await loop.sock_sendall(self.channel, buffer)
-                message = await self.read_frame(self.limits.output_mb * MB + RESULT_OVERHEAD)
+                message = await self._next_frame()
                 # Only the first frame may be the code cache: it is sent before the step runs.
                 if request.want_code_cache and isinstance(message, Compiled):
                     compiled = message.code
-                    message = await self.read_frame(self.limits.output_mb * MB + RESULT_OVERHEAD)
+                    message = await self._next_frame()
+                frames = log_bytes = 0
+                while isinstance(message, Log):  # kept as they come: a late kill loses none
+                    # A runtime sends a line a frame, at most LOG_LINES_MAX: past that (in frames
+                    # or bytes) the step is writing frames itself, each one this loop's work.
+                    frames, log_bytes = frames + 1, log_bytes + self.frame_bytes
+                    if frames > LOG_LINES_MAX or log_bytes > LOG_BYTES_MAX:
+                        raise ProtocolError("more log frames than ctx.log writes")
+                    self._keep_logs(message.lines)
+                    message = await self._next_frame()
             if isinstance(message, StepResult):
                 result = self._bounded(message)
             else:
@@ -207,9 +225,21 @@ class Child:
         outcome = await self._finish(result, error, loop.time() - started)
         return outcome, compiled
 
+    async def _next_frame(self) -> protocol.FromChild:
+        return await self.read_frame(self.limits.output_mb * MB + RESULT_OVERHEAD)
+
+    def _keep_logs(self, lines: list[str]) -> None:
+        room = LOG_LINES_MAX - len(self.logs)
+        self.logs += [line[:LOG_LINE_MAX] for line in lines[: max(0, room)]]
+
     def _bounded(self, result: StepResult) -> StepResult:
         """The child runs the step's code, so its result frame is held to the limits here too."""
         output_max = self.limits.output_mb * MB
+        if result.error is not None and result.error.type not in CHILD_ERROR_TYPES:
+            # timeout, killed, cpu, sandbox are found out here, never told: a step that says
+            # them of itself would raise another alarm than its own.
+            message = f"the step reported its own end as {result.error.type!r}"
+            return StepResult(ok=False, error=StepError("protocol", message), logs=result.logs)
         if result.ok and len(result.output) > output_max:
             message = f"output of {len(result.output)} bytes exceeds the limit of {output_max}"
             return StepResult(ok=False, error=StepError("output_limit", message))
@@ -250,12 +280,13 @@ class Child:
             task.cancel()
         if result is None:
             result = StepResult(ok=False, error=error, duration_s=elapsed_s)
+        self._keep_logs(result.logs)  # after the streamed lines: what was not streamed
         return StepOutcome(
             ok=result.ok,
             output=result.output,
             error=result.error,
             duration_s=result.duration_s,
-            logs=result.logs,
+            logs=self.logs,
             stdout=self.stdout.text(),
             stderr=self.stderr.text(),
             stdout_truncated=self.stdout.truncated,
@@ -305,9 +336,12 @@ class _ResultHead(msgspec.Struct, tag="result"):
     logs: msgspec.Raw = msgspec.Raw(b"")
 
 
-_head_decoder: msgspec.msgpack.Decoder[_ResultHead | Ready | Compiled] = msgspec.msgpack.Decoder(
-    _ResultHead | Ready | Compiled
-)
+class _LogHead(msgspec.Struct, tag="log"):
+    lines: msgspec.Raw = msgspec.Raw(b"")
+
+
+_Head = _ResultHead | _LogHead | Ready | Compiled
+_head_decoder: msgspec.msgpack.Decoder[_Head] = msgspec.msgpack.Decoder(_Head)
 
 
 def _decode_frame(payload: protocol.Buffer) -> protocol.FromChild:
@@ -325,7 +359,9 @@ def _decode_frame(payload: protocol.Buffer) -> protocol.FromChild:
         # documented (the frame's own are theirs plus the envelope).
         limit = bounded.MAX_ITEMS if exc.bound == "items" else bounded.MAX_DEPTH
         raise DecodeLimitError(exc.bound, limit) from exc
-    if isinstance(head, _ResultHead) and len(head.error) + len(head.logs) > RESULT_OVERHEAD:
+    if isinstance(head, _LogHead) or (
+        isinstance(head, _ResultHead) and len(head.error) + len(head.logs) > RESULT_OVERHEAD
+    ):
         # Counted items say nothing of a string's length: a 120 MB error message is one item,
         # and 1.6 GB once decoded (one astral character makes the whole string 4 bytes a char).
         raise DecodeLimitError("bytes", RESULT_OVERHEAD)

@@ -11,112 +11,165 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 import msgspec
 
+from runnerd import __version__, run_step
 from runnerd import settings as settings_module
 from runnerd.errors import ConfigError, RunnerdError, UsageError
-from runnerd.messages import StepOutcome
-from runnerd.outcomes import (
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_USAGE,
-    check_required_layers,
-    outcome_json,
-    read_json_input,
-    read_text,
-)
-from runnerd.settings import SETTINGS_HELP, Settings
-from runnerd.spawner import Spawner, StepSpec
+from runnerd.outcomes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from runnerd.run_step import RUNTIMES as RUNTIMES
+from runnerd.settings import SETTINGS_HELP, Settings, env_name
+from runnerd.spawner import Spawner
 from runnerd.zygote_link import SandboxOptions
-from sandbox.protocol import Capabilities, Limits, Runtime, StepError
+from sandbox.protocol import Capabilities
 
-RUNTIMES: dict[str, Runtime] = {".py": "python", ".js": "node", ".mjs": "node", ".cjs": "node"}
+SANDBOX = ("sandbox_mode", "sandbox_require", "sandbox_uid_base", "sandbox_slots")
+NODE = ("node_path", "node_fork")
+CLIENT = ("redis_url", "key_prefix", "partitions")
+# What a worker reads, bar where its Redis is and its HTTP server (a demo has neither).
+WORKER = (
+    "concurrency",
+    "partitions",
+    "key_prefix",
+    "result_ttl_s",
+    "claim_idle_s",
+    "max_deliveries",
+    "drain_s",
+    "retry_base_s",
+    "retry_max_s",
+    "log_level",
+    "emf_interval_s",
+    "service_name",
+    *SANDBOX,
+    "pool_size",
+    *NODE,
+)
+# The settings each subcommand reads: its --help shows these and it accepts no others.
+COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
+    "run-step": (*SANDBOX, *NODE),
+    "doctor": (*SANDBOX, *NODE),
+    "serve": ("redis_url", *WORKER, "http_port", "http_host"),
+    "submit": CLIENT,
+    "result": (*CLIENT, "result_ttl_s"),
+    "healthcheck": ("http_port",),
+    "demo": WORKER,
+}
+METAVARS = {
+    "redis_url": "URL",
+    "key_prefix": "PREFIX",
+    "http_host": "HOST",
+    "service_name": "NAME",
+    "node_path": "PATH",
+    "sandbox_require": "LAYER,...",
+}
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
+        # "runnerd: " is printed once, by main(); a subcommand names itself after it.
+        command = self.prog.removeprefix("runnerd").strip()
+        raise UsageError(f"{command}: {message}" if command else message)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=100)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="runnerd", description="Run customer steps, each in a fresh sandbox.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(
+        prog="runnerd",
+        description="Run customer steps, each in a fresh sandbox.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"runnerd {__version__}")
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=_Parser, title="commands"
+    )
 
-    run_step = commands.add_parser("run-step", help="run one step locally (no Redis)")
-    run_step.add_argument(
-        "step", nargs="?", help="a .py, .js or .mjs file defining run(input, ctx)"
-    )
-    run_step.add_argument("--input", default="null", help="JSON input, or @file.json")
-    run_step.add_argument(
-        "--exec", action="store_true", help="run the argv after -- as an exec step"
-    )
-    defaults = Limits()
-    limit_flags = (
-        ("wall_s", float),
-        ("cpu_s", int),
-        ("memory_mb", int),
-        ("pids", int),
-        ("file_size_mb", int),
-        ("tmp_mb", int),
-        ("output_mb", int),
-    )
-    for name, kind in limit_flags:
-        run_step.add_argument(
-            "--" + name.replace("_", "-"),
-            type=kind,
-            default=getattr(defaults, name),
-            help=f"default {getattr(defaults, name)}",
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=help_text, description=help_text, formatter_class=_HelpFormatter
         )
-    run_step.add_argument("--network", action="store_true", help="give the step the host's network")
-    _add_setting_flags(run_step)
 
-    doctor = commands.add_parser("doctor", help="print which sandbox layers work on this host")
-    _add_setting_flags(doctor)
-
-    serve = commands.add_parser("serve", help="run a worker: executions from Redis Streams")
+    run_step.add_arguments(command("run-step", "run one step locally (no Redis)"))
+    command("doctor", "print which sandbox layers work on this host")
+    serve = command("serve", "run a worker: executions from Redis Streams")
     serve.add_argument(
         "--embedded-redis",
         action="store_true",
         help="start a private Redis for the life of this command and print its URL",
     )
-    _add_setting_flags(serve)
-
-    submit = commands.add_parser("submit", help="enqueue an execution of an integration")
+    submit = command("submit", "enqueue an execution of an integration")
     submit.add_argument("integration", help="an integration JSON file")
-    submit.add_argument("--input", default="null", help="JSON input, or @file.json")
+    submit.add_argument(
+        "--input", default="null", metavar="JSON|@FILE", help="JSON input, or @file.json"
+    )
     submit.add_argument("--wait", action="store_true", help="wait and print the result")
-    submit.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (--wait)")
-    _add_setting_flags(submit)
-
-    result = commands.add_parser(
+    submit.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (--wait)"
+    )
+    result = command(
         "result",
-        help="print an execution's result as submit --wait does (exit 0 succeeded, 1 failed "
+        "print an execution's result as submit --wait does (exit 0 succeeded, 1 failed "
         "or dead, 3 no result yet)",
     )
     result.add_argument("execution_id", help="what submit printed")
     result.add_argument("--wait", action="store_true", help="wait for the result")
-    result.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (--wait)")
-    _add_setting_flags(result)
-
-    healthcheck = commands.add_parser(
-        "healthcheck", help="exit 0 when this host's worker answers /healthz (for HEALTHCHECK)"
+    result.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (--wait)"
     )
-    _add_setting_flags(healthcheck)
-
-    demo = commands.add_parser(
-        "demo", help="run the bundled 6-step integration on an embedded Redis and one worker"
-    )
+    command("healthcheck", "exit 0 when this host's worker answers /healthz (for HEALTHCHECK)")
+    demo = command("demo", "run the bundled 6-step integration on an embedded Redis and one worker")
     demo.add_argument("--runs", type=int, default=20, help="timed runs after the first")
-    _add_setting_flags(demo)
+    for name, subparser in commands.choices.items():
+        _add_setting_flags(subparser, COMMAND_SETTINGS[name])
     return parser
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    for field, help_text in SETTINGS_HELP.items():
-        parser.add_argument("--" + field.replace("_", "-"), dest=f"setting_{field}", help=help_text)
+def _add_setting_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...]) -> None:
+    """After the command's own options: the settings it reads, each with its variable and
+    default (a flag overrides the variable)."""
+    group = parser.add_argument_group(
+        "settings", "each also read from its environment variable; a flag overrides it"
+    )
+    defaults = Settings()
+    for field in fields:
+        kind = Settings.__annotations__[field]
+        choices = _choices(kind)
+        default = getattr(defaults, field)
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        if isinstance(default, bool):
+            default = str(default).lower()
+        elif isinstance(default, float):
+            default = f"{default:g}"
+        shown = {"node_path": "node on PATH"}.get(field, default)
+        group.add_argument(
+            "--" + field.replace("_", "-"),
+            dest=f"setting_{field}",
+            metavar=None if choices else METAVARS.get(field, _metavar(field, kind)),
+            choices=choices,
+            help=f"{SETTINGS_HELP[field]} [{env_name(field)}, default {shown}]",
+        )
+
+
+def _choices(kind: str) -> list[str] | None:
+    if kind == "bool":
+        return ["true", "false"]
+    if kind.startswith("Literal["):
+        return [part.strip().strip("'\"") for part in kind[8:-1].split(",")]
+    if kind == "SandboxMode":
+        return ["strict", "best-effort"]
+    return None
+
+
+def _metavar(field: str, kind: str) -> str:
+    if kind == "float":
+        return "S" if field.endswith("_s") else "X"
+    return "N" if kind == "int" else "TEXT"
 
 
 def _settings_from(args: argparse.Namespace, environ: dict[str, str]) -> Settings:
@@ -127,50 +180,6 @@ def _settings_from(args: argparse.Namespace, environ: dict[str, str]) -> Setting
             value = tuple(part.strip() for part in value.split(",") if part.strip())
         overrides[field] = value
     return settings_module.load(environ, overrides)
-
-
-# --- run-step ----------------------------------------------------------------------------------
-
-
-def step_spec_from_args(args: argparse.Namespace, exec_argv: list[str]) -> StepSpec:
-    names = ("wall_s", "cpu_s", "memory_mb", "pids", "file_size_mb", "tmp_mb", "output_mb")
-    for name in names:
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive")
-    limits = Limits(network=args.network, **{name: getattr(args, name) for name in names})
-    data = msgspec.msgpack.encode(read_json_input(args.input))
-    if args.exec:
-        if not exec_argv:
-            raise UsageError("--exec needs the program after --, as in: --exec -- jq .")
-        return StepSpec("exec", exec_argv[0], input=data, limits=limits, argv=tuple(exec_argv))
-    if not args.step:
-        raise UsageError("run-step needs a step file (.py, .js, .mjs) or --exec -- ARGV")
-    path = Path(args.step)
-    runtime = RUNTIMES.get(path.suffix)
-    if runtime is None:
-        raise UsageError(f"{args.step}: unknown step kind; use .py, .js, .mjs or --exec")
-    return StepSpec(runtime, path.name, read_text(path, "step file"), data, limits)
-
-
-async def _run_step(settings: Settings, step: StepSpec) -> StepOutcome:
-    if step.runtime == "node" and not settings.node_path:
-        message = "node was not found on PATH: install it, or set RUNNERD_NODE_PATH (--node-path)"
-        return StepOutcome(ok=False, error=StepError("sandbox", message))
-    spawner = await Spawner.start(SandboxOptions.from_settings(settings), pool_size=0)
-    try:
-        refusal = check_required_layers(settings, spawner.capabilities)
-        if refusal is not None:
-            return StepOutcome(ok=False, error=StepError("sandbox", refusal))
-        return await spawner.run_step(step)
-    finally:
-        await spawner.close()
-
-
-def cmd_run_step(args: argparse.Namespace, exec_argv: list[str], settings: Settings) -> int:
-    step = step_spec_from_args(args, exec_argv)
-    report = outcome_json(_run(_run_step(settings, step)))
-    sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
-    return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
 # --- doctor ------------------------------------------------------------------------------------
@@ -251,10 +260,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         split = arguments.index("--")
         arguments, exec_argv = arguments[:split], arguments[split + 1 :]
     try:
-        args = build_parser().parse_args(arguments)
+        args, unknown = build_parser().parse_known_args(arguments)
+        if unknown and args.command is not None:
+            raise UsageError(
+                f"{args.command}: unrecognized arguments: {' '.join(unknown)} "
+                f"(runnerd {args.command} --help lists what it takes)"
+            )
+        if unknown:
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+        if args.command is None:
+            raise UsageError(
+                f"a command is needed: {', '.join(COMMAND_SETTINGS)} (runnerd --help says more)"
+            )
         settings = _settings_from(args, dict(os.environ))
         if args.command == "run-step":
-            return cmd_run_step(args, exec_argv, settings)
+            return run_step.command(args, exec_argv, settings, _run)
         if args.command == "doctor":
             return cmd_doctor(settings)
         if args.command == "healthcheck":

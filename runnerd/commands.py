@@ -27,6 +27,7 @@ from runnerd.outcomes import (
     check_required_layers,
     outcome_json,
     read_json_input,
+    write_stdout,
 )
 from runnerd.settings import Settings
 
@@ -138,7 +139,7 @@ async def _print_result(client: Client, execution_id: str, timeout_s: float) -> 
 
 
 def _write_result(found: Result) -> int:
-    sys.stdout.write(msgspec.json.encode(result_json(found)).decode() + "\n")
+    write_stdout(msgspec.json.encode(result_json(found)).decode() + "\n")
     return EXIT_OK if found.ok else EXIT_FAILED
 
 

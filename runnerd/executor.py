@@ -33,6 +33,7 @@ from sandbox.protocol import NIL, StepContext, StepError
 
 log = logging.getLogger("runnerd.executor")
 STEP_OUTPUT_KEPT_MAX = 64 * 1024  # per-step outputs in a result are kept only when this small
+NOT_RETRIED = frozenset({"fatal"})  # step error types that fail an execution at once
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ class Executor:
             if pending_save is not None:
                 await pending_save
             if not outcome.ok:
-                if attempt <= integration.retries:
+                if attempt <= integration.retries and not _is_final(outcome.error):
                     retry = Checkpoint(index, attempt + 1, payload_raw, reports[:-1])
                     await self.store.save_checkpoint(execution_id, retry)
                     again = msgspec.structs.replace(execution, attempt=attempt + 1)
@@ -241,6 +242,12 @@ class Executor:
             if len(self._integrations) < 1024:
                 self._integrations[digest] = cached
         return cached
+
+
+def _is_final(error: StepError | None) -> bool:
+    """A `fatal` error is one no retry can change (the step said so, or its source does not
+    compile): the execution fails at once, its retries unused."""
+    return error is not None and error.type in NOT_RETRIED
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

@@ -16,8 +16,10 @@ workers need no shared disk. Limits merge: defaults, then the integration's, the
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +109,7 @@ def load(path: str | Path) -> Integration:
     try:
         spec = msgspec.json.decode(text, type=IntegrationFile)
     except msgspec.DecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(f"{path}: {explain(str(exc), text)}") from exc
     return _resolve(spec, path.parent, str(path))
 
 
@@ -115,8 +117,65 @@ def from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> Integration:
     try:
         spec = msgspec.convert(data, IntegrationFile)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"integration: {exc}") from exc
+        raise ConfigError(f"integration: {explain(str(exc))}") from exc
     return _resolve(spec, Path(base_dir), "integration")
+
+
+# --- what msgspec says, said for the author --------------------------------------------------
+
+# Where each Struct of the file format sits (list indices written `[]`).
+_STRUCT_AT: dict[str, tuple[type[msgspec.Struct], str]] = {
+    "$": (IntegrationFile, "an integration"),
+    "$.limits": (LimitsOverride, "limits"),
+    "$.steps[]": (StepFile, "a step"),
+    "$.steps[].limits": (LimitsOverride, "limits"),
+}
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`(?: - at `(?P<at>[^`]+)`)?")
+_ENUM = re.compile(r"Invalid enum value (?P<value>.+?) - at `(?P<at>[^`]+)`")
+_BYTE = re.compile(r"\(byte (?P<offset>\d+)\)")
+
+
+def explain(message: str, text: bytes | None = None) -> str:
+    """msgspec's message with what the author needs added: the field they meant, the values a
+    field takes, and a line and column for a byte offset."""
+    if found := _UNKNOWN.fullmatch(message):
+        return _unknown_field(found["field"], found["at"] or "$")
+    if found := _ENUM.fullmatch(message):
+        return _bad_value(found["value"], found["at"]) or message
+    if text is not None and (found := _BYTE.search(message)):
+        line, column = _line_column(text, int(found["offset"]))
+        return message.replace(found[0], f"(line {line}, column {column})")
+    return message
+
+
+def _unknown_field(field: str, at: str) -> str:
+    struct, what = _STRUCT_AT.get(re.sub(r"\[\d+\]", "[]", at), (None, ""))
+    if struct is None:
+        return f"unknown field `{field}` at `{at}`"
+    fields = list(struct.__struct_fields__)
+    close = difflib.get_close_matches(field, fields, n=1, cutoff=0.6)
+    meant = f"; did you mean `{close[0]}`?" if close else ""
+    return f"`{at}`: unknown field `{field}`{meant} ({what} has: {', '.join(fields)})"
+
+
+def _bad_value(value: str, at: str) -> str | None:
+    parent, _, field = at.rpartition(".")
+    struct, _ = _STRUCT_AT.get(re.sub(r"\[\d+\]", "[]", parent), (None, ""))
+    if struct is None:
+        return None
+    hint = typing.get_type_hints(struct).get(field)
+    choices = [str(v) for arg in typing.get_args(hint) or (hint,) for v in typing.get_args(arg)]
+    if not choices:
+        return None
+    close = difflib.get_close_matches(value.strip("'\""), choices, n=1, cutoff=0.5)
+    meant = f"; did you mean {close[0]!r}?" if close else ""
+    return f"`{at}`: {value} is not one of {', '.join(choices)}{meant}"
+
+
+def _line_column(text: bytes, offset: int) -> tuple[int, int]:
+    start = text.rfind(b"\n", 0, offset) + 1
+    column = len(text[start:offset].decode(errors="replace")) + 1
+    return text.count(b"\n", 0, offset) + 1, column
 
 
 def digest(integration: Integration) -> str:
@@ -182,9 +241,9 @@ def _resolve_step(
     )
 
 
-_PYTHON_RUN = re.compile(r"^\s*(async\s+)?def\s+run\s*\(", re.MULTILINE)
+_PYTHON_RUN = re.compile(r"^[ \t]*(async\s+)?def\s+run\s*\(", re.MULTILINE)
 _JAVASCRIPT_RUN = re.compile(
-    r"^\s*(export\s+(default\s+)?(async\s+)?function|module\.exports|exports\.run\s*=)"
+    r"^[ \t]*(export\s+(default\s+)?(async\s+)?function|module\.exports|exports\.run\s*=)"
     r"|\bfunction\s+run\s*\(|=>",
     re.MULTILINE,
 )

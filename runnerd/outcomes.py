@@ -1,9 +1,11 @@
-"""What the CLI says about a step and the sandbox, for the local commands (cli.py) and the
-Redis ones (commands.py) alike: exit codes, the --input argument, the run-step report (the
-output decoded within sandbox/bounded.py's bounds) and the word on missing sandbox layers."""
+"""What the CLI says about a step and the sandbox, for the local commands (cli.py, run_step.py)
+and the Redis ones (commands.py) alike: exit codes, the --input argument, the run-step report
+(the output decoded within sandbox/bounded.py's bounds) as JSON or as a readable summary, and
+the word on missing sandbox layers."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,40 @@ def outcome_json(outcome: StepOutcome) -> dict[str, Any]:
     report["output"] = output
     report["error"] = msgspec.structs.asdict(error) if error else None
     return report
+
+
+def outcome_text(report: dict[str, Any], name: str) -> str:
+    """The run-step report for a person: what happened, the output or the error (its message
+    is the step's file, line and source line already), then logs, stdout and stderr."""
+    error = report["error"]
+    took = f"{report['duration_s'] * 1000:.1f} ms"
+    if error is None:
+        lines = [f"{name}: succeeded in {took}", "output:"]
+        lines += _indented(msgspec.json.format(msgspec.json.encode(report["output"])).decode())
+    else:
+        lines = [f"{name}: failed ({error['type']}) after {took}", "error:"]
+        lines += _indented(error["message"])
+    if report["logs"]:
+        lines += [f"logs ({len(report['logs'])}):", *_indented("\n".join(report["logs"]))]
+    for stream in ("stdout", "stderr"):
+        if report[stream]:
+            cut = " (the end of it)" if report[f"{stream}_truncated"] else ""
+            lines += [f"{stream}{cut}:", *_indented(report[stream].rstrip("\n"))]
+    return "\n".join(lines)
+
+
+def _indented(text: str) -> list[str]:
+    return ["  " + line if line else "" for line in text.splitlines()] or ["  (empty)"]
+
+
+def write_stdout(text: str) -> None:
+    """All of `text` on stdout. A report can be megabytes, and a pipe takes it in parts when a
+    signal (SIGCHLD of the zygote) interrupts the write: unbuffered (PYTHONUNBUFFERED, -u),
+    sys.stdout would drop the rest, so the bytes go to the fd until they are all written."""
+    sys.stdout.flush()
+    data = memoryview(text.encode())
+    while data:
+        data = data[os.write(sys.stdout.fileno(), data) :]
 
 
 def check_required_layers(settings: Settings, capabilities: Capabilities) -> str | None:

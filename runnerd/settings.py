@@ -46,7 +46,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 SETTINGS_HELP: dict[str, str] = {
-    "redis_url": "Redis to take work from (REDIS_URL); a cluster is recognised by itself",
+    "redis_url": "Redis to take work from; a cluster is recognised by itself",
     "concurrency": "executions this worker runs at once",
     "partitions": "work streams the executions are spread over (each its own hash tag); "
     "clients and workers must agree",
@@ -72,7 +72,7 @@ SETTINGS_HELP: dict[str, str] = {
     ),
     "sandbox_slots": "most children alive at once (running or warm)",
     "pool_size": "warm, already-confined children kept per runtime (0: spawn on demand)",
-    "node_path": "the node binary for JavaScript steps (default: `node` on PATH)",
+    "node_path": "the node binary for JavaScript steps",
     "node_fork": "fork JavaScript steps from a warm node zygote (false: start a node per step)",
 }
 

@@ -7,9 +7,11 @@ Two channels exist:
   carries only small messages (spawn this, it started, it exited): never step code or data.
 * the **step channel** between the caller and one child: an AF_UNIX SOCK_STREAM socketpair
   carrying length-prefixed msgpack frames (4-byte big-endian length, then the payload). The
-  child says `Ready`, receives one `StepRequest`, answers one `StepResult`, and exits.
+  child says `Ready`, receives one `StepRequest`, answers one `StepResult`, and exits. Between
+  the request and the result it may send `Log` frames: the step's `ctx.log` lines as they are
+  written, so that they outlive a step killed before it could answer.
 
-The node runner (runtimes/node_runner.mjs) speaks the step channel too; keep the two in step.
+The JavaScript runner (runtimes/step_runner.cjs) speaks the step channel too; keep the two in step.
 """
 
 from __future__ import annotations
@@ -24,8 +26,18 @@ import msgspec
 from sandbox.errors import ProtocolError
 
 Runtime = Literal["python", "node", "exec"]
+# `fatal`: the step failed in a way no retry can change (it raised Fatal, its source does not
+# compile, it defines no run); the executor fails the execution at once instead of retrying it.
 ErrorType = Literal[
-    "exception", "timeout", "memory", "cpu", "output_limit", "killed", "protocol", "sandbox"
+    "exception",
+    "fatal",
+    "timeout",
+    "memory",
+    "cpu",
+    "output_limit",
+    "killed",
+    "protocol",
+    "sandbox",
 ]
 
 T = TypeVar("T")
@@ -183,6 +195,15 @@ class Compiled(msgspec.Struct, tag="compiled", frozen=True):
     code: bytes
 
 
+class Log(msgspec.Struct, tag="log", frozen=True):
+    """`ctx.log` lines, sent as they are written (between the request and the result, from any
+    thread of the step under one lock). The caller keeps them whatever way the step ends, and
+    puts the result's own `logs` after them: a runtime that streams sends there only what it
+    did not stream (such as a line saying how many were cut)."""
+
+    lines: list[str]
+
+
 class StepResult(msgspec.Struct, tag="result", frozen=True):
     ok: bool
     error: StepError | None = None
@@ -193,7 +214,7 @@ class StepResult(msgspec.Struct, tag="result", frozen=True):
 
 
 ToChild = StepRequest
-FromChild = Ready | Compiled | StepResult
+FromChild = Ready | Compiled | Log | StepResult
 
 _encoder = msgspec.msgpack.Encoder()
 _to_zygote: msgspec.msgpack.Decoder[ToZygote] = msgspec.msgpack.Decoder(ToZygote)

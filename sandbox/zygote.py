@@ -459,6 +459,9 @@ def _parse_args(argv: list[str]) -> tuple[int, ZygoteConfig]:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
+    # A Ctrl-C at a terminal reaches its whole foreground group, this process too; when to end
+    # is the caller's to decide (it closes the control socket), not a KeyboardInterrupt's here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     control_fd, config = _parse_args(sys.argv[1:] if argv is None else argv)
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the caller
     # Orphans of a step (no pid namespace to hold them) are reparented here and reaped by the

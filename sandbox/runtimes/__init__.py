@@ -7,16 +7,21 @@ runtimes (the node runtime speaks it from JavaScript, in node_runner.mjs).
 
 from __future__ import annotations
 
+import gc
+import io
 import os
+import resource
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
 import msgspec
 
 from sandbox import protocol
-from sandbox.protocol import StepError, StepRequest, StepResult
+from sandbox.protocol import Log, StepError, StepRequest, StepResult
+from sandbox.step import Fatal
 
 MB = 1024 * 1024
 # The request carries the previous step's output (at most its output limit) plus code.
@@ -24,6 +29,8 @@ REQUEST_OVERHEAD = 64 * MB
 LOG_LINES_MAX = 1000
 LOG_LINE_BYTES_MAX = 4096
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+NETWORK_HINT = 'a step gets it with "network": true in its integration, or run-step --network'
+PIDS_HINT = "processes and threads count alike; raise limits.pids (run-step --pids) for more"
 
 
 def receive_request(channel: socket.socket, output_mb: int) -> StepRequest:
@@ -82,15 +89,79 @@ def encode_output(value: Any, output_max: int, started: float, **extra: Any) -> 
     )
 
 
-class StepLog:
-    """`ctx.log`: lines kept in the result (bounded), apart from the step's stdout/stderr."""
+class Channel:
+    """The child's end of the step channel once the request is in: `Log` frames as the step
+    writes them, from any of its threads, then one result. The lock keeps frames whole; after
+    the result nothing more is sent, so a second end (a thread's error racing the step's
+    return) is a no-op."""
 
-    def __init__(self) -> None:
-        self.lines: list[str] = []
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.finished = False
+
+    def send(self, message: msgspec.Struct) -> bool:
+        with self._held():
+            if self.finished:
+                return False
+            send(self.sock, message)
+            return True
+
+    def finish(self, result: StepResult) -> bool:
+        """Send the step's one result (stdout/stderr let go first); False if one was sent."""
+        with self._held():
+            if self.finished:
+                return False
+            self.finished = True
+            release_stdio()
+            send(self.sock, result)
+            return True
+
+    def _held(self) -> _Held:
+        return _Held(self.lock)
+
+
+class _Held:
+    """The channel's lock, with the cyclic collector paused: a collection inside a frame could
+    run a step's finalizer (an asyncio task's, which reports an unretrieved error), and that
+    report ends the step through this same lock, on this same thread."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+        self.collecting = False
+
+    def __enter__(self) -> None:
+        self.collecting = gc.isenabled()
+        gc.disable()
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+        if self.collecting:
+            gc.enable()
+
+
+class StepLog:
+    """`ctx.log`: each line goes to the caller as it is written (a `Log` frame), so the lines
+    outlive a step that times out or is killed; bounded here and again by the caller."""
+
+    def __init__(self, channel: Channel | None = None) -> None:
+        self.channel = channel
+        self.sent = 0
+        self.cut = 0
 
     def _add(self, level: str, message: object) -> None:
-        if len(self.lines) < LOG_LINES_MAX:
-            self.lines.append(f"{level} {message}"[:LOG_LINE_BYTES_MAX])
+        if self.sent >= LOG_LINES_MAX - 1:  # the last line of the bound says how many were cut
+            self.cut += 1
+            return
+        self.sent += 1
+        line = f"{level} {message}"[:LOG_LINE_BYTES_MAX]
+        if self.channel is not None:
+            self.channel.send(Log([line]))
+
+    def tail(self) -> list[str]:
+        """What the result frame carries after the streamed lines."""
+        return [f"[{self.cut} more log lines cut]"] if self.cut else []
 
     def debug(self, message: object) -> None:
         self._add("DEBUG", message)
@@ -116,6 +187,7 @@ class Context:
         self.attempt = request.context.attempt
         self.tmpdir = tmpdir
         self.log = log
+        self.Fatal = Fatal  # `raise ctx.Fatal("why")`: no import needed (sandbox/step.py)
 
     def __repr__(self) -> str:
         return f"Context(execution_id={self.execution_id!r}, step={self.step!r})"
@@ -125,3 +197,34 @@ def enter_step_environment(request: StepRequest, tmpdir: str) -> None:
     os.environ.clear()
     os.environ.update(step_environment(request, tmpdir))
     os.chdir(tmpdir)
+    # A pipe gets a block-buffered stdout: what a step printed before it was killed (timeout,
+    # memory) would die in the buffer. Line by line, as on a terminal, it reaches the caller.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
+
+
+# --- limits and policies, named for the author (python_errors.py, exec.py) ---------------------
+
+
+def pids_limit(layers: list[str]) -> str:
+    """ "pids limit of N", read back from the child's own rlimit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+    if soft == resource.RLIM_INFINITY:
+        return "pids limit"
+    # With a pids cgroup, RLIMIT_NPROC is one above its limit (sandbox/layers/rlimits.py).
+    return f"pids limit of {soft - 1 if 'cgroup_pids' in layers else soft}"
+
+
+def network_is_on(layers: list[str]) -> bool:
+    """A step without network is in the zygote's empty network namespace (`netns`), and
+    seccomp refuses it socket(2) with EPERM (asked of the kernel: on a host without network
+    namespaces, seccomp is all there is)."""
+    if "netns" in layers:
+        return False
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
+    except PermissionError:
+        return False
+    except OSError:
+        pass  # out of fds or memory: not the network's doing
+    return True
