@@ -145,6 +145,8 @@ def encode_recipe(plan: ChildPlan, clone_flags: int, parent_pid: int) -> bytes:
             "layers": sorted(plan.layers),
             "tmpdir": plan.tmpdir,
             "output_max": plan.limits.output_mb * MB,
+            "pids": plan.limits.pids,
+            "network": plan.limits.network,
         }
     ).encode()
     parts = [

@@ -59,6 +59,8 @@ def exec_node(plan: ChildPlan, layers: list[str]) -> None:
         "RUNNERD_LAYERS": ",".join(layers),
         "RUNNERD_TMPDIR": tmpdir,
         "RUNNERD_OUTPUT_MAX": str(output_mb * MB),
+        "RUNNERD_PIDS": str(plan.limits.pids),
+        "RUNNERD_NETWORK": "1" if plan.limits.network else "",
     }
     os.chdir(tmpdir)
     os.execve(plan.node_path, argv, env)

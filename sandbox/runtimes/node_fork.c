@@ -409,6 +409,10 @@ static napi_value serve(napi_env env, napi_callback_info info) {
   for (;;) {
     int fds[4] = {-1, -1, -1, -1};
     ssize_t size = receive(control, request, fds);
+    /* What a longer earlier request left past this one's end (another slot's paths and limits)
+     * is not copied into this child (256 KiB cleared: ~10 us). */
+    size_t used = size > 0 ? (size_t)size : 0;
+    memset(request + used, 0, REQUEST_MAX - used);
     if (size < 0) { reply(control, -EINVAL, "a malformed request"); continue; }
     if (decode_recipe(request, (size_t)size, &current) != 0) {
       close_all(fds, 4); reply(control, -EINVAL, "a malformed recipe"); continue;

@@ -9,5 +9,7 @@ serveOneStep({
   layers: (process.env.RUNNERD_LAYERS || "").split(",").filter(Boolean),
   tmpdir: process.env.RUNNERD_TMPDIR || "/tmp",
   outputMax: Number(process.env.RUNNERD_OUTPUT_MAX || 128 * 1024 * 1024),
+  pids: Number(process.env.RUNNERD_PIDS || 0),
+  network: Boolean(process.env.RUNNERD_NETWORK),
   exit: (code) => process.exit(code),
 });

@@ -22,7 +22,9 @@ warm().then(() => {
   // Only a step child gets past this line, confined, with its event loop its own.
   const plan = JSON.parse(addon.serve(Number(controlFd), Number(hostNetFd)));
   freshProcessState();
-  serveOneStep({ layers: plan.layers, tmpdir: plan.tmpdir, outputMax: plan.output_max, exit: addon.exit });
+  serveOneStep({
+    layers: plan.layers, tmpdir: plan.tmpdir, outputMax: plan.output_max, pids: plan.pids, network: plan.network, exit: addon.exit,
+  });
 });
 
 // Compile here, once, what every child would otherwise compile for itself: the runner's path

@@ -31,7 +31,8 @@ async function rehearse(config) {
         context: { execution_id: "e", step: "s", attempt: 1 }, output_max: config.outputMax,
       }));
       enterEnvironment(request, cwd);
-      writeFrame(sink, await runStep(request, { tmpdir: cwd, outputMax: config.outputMax }));
+      const limits = { pids: 16, network: false };
+      writeFrame(sink, await runStep(request, { tmpdir: cwd, outputMax: config.outputMax, channel: sink, ...limits }));
     }
     releaseStdio([fs.openSync("/dev/null", "r")]);
   } finally {

@@ -15,10 +15,9 @@ const path = require("node:path");
 const Module = require("node:module");
 const { Raw, decode, encode } = require("./msgpack.cjs");
 const { describe } = require("./step_errors.cjs");
+const { Fatal, makeLog } = require("./step_context.cjs");
 
 const CHANNEL = 3;
-const LOG_LINES_MAX = 1000;
-const LOG_LINE_MAX = 4096;
 const REQUEST_OVERHEAD = 64 * 1024 * 1024;
 
 function readExactly(fd, n) {
@@ -48,28 +47,20 @@ function writeFrame(fd, message) {
   }
 }
 
-function makeLog() {
-  const lines = [];
-  const add = (level) => (...args) => {
-    if (lines.length < LOG_LINES_MAX) lines.push(`${level} ${args.map(String).join(" ")}`.slice(0, LOG_LINE_MAX));
-  };
-  const log = add("INFO");
-  Object.assign(log, { debug: add("DEBUG"), info: add("INFO"), warn: add("WARNING"), warning: add("WARNING"), error: add("ERROR") });
-  return { log, lines };
-}
-
 function isModule(filename, source) {
   if (filename.endsWith(".mjs")) return true;
   if (filename.endsWith(".cjs")) return false;
-  return /^\s*export\s/m.test(source);
+  return /^[ \t]*export\s/m.test(source); // [ \t], not \s: linear on many blank lines
 }
 
 // The step is compiled from its source as its author named it (stacks say `boom.mjs:2:18`),
 // never written to a file: an ES module is imported from a data: URL (a file would be read
 // through fs.promises, which starts libuv's thread pool, 4 threads, in every child), and a
 // CommonJS one is compiled as node's own loader would, with `require` from the step's tmpdir.
+// The author's file name, as stacks show it. Only letters, digits and a few marks: it goes into
+// a sourceURL comment, which a line terminator (U+2028 too) would end, making it code.
 function stepFilename(request) {
-  return String(request.filename || "step.mjs").replace(/[\r\n]/g, " ");
+  return String(request.filename || "step.mjs").replace(/[^\p{L}\p{N}._\-@+/ ]/gu, "_").slice(0, 200);
 }
 
 async function loadStep(request, tmpdir) {
@@ -86,10 +77,13 @@ function importSource(source, filename) {
 }
 
 // Compiled under its path in the tmpdir, which node 18 needs to resolve a dynamic import() from
-// it; step_errors puts the author's name back in what they see.
+// it; step_errors puts the author's name back in what they see. `require` finds node's builtins
+// and nothing of the disk's by name.
 function compileCommonJS(source, filename, tmpdir) {
   const step = new Module(commonJSPath(filename, tmpdir), null);
-  step.paths = Module._nodeModulePaths(tmpdir);
+  // No node_modules search from the tmpdir: without a filesystem view its parents include the
+  // host's /tmp, where another step could plant a package for this one to require.
+  step.paths = [];
   step._compile(source, step.id);
   return { run: step.exports?.run, default: step.exports };
 }
@@ -119,35 +113,40 @@ function escapedErrors() {
 
 async function runStep(request, config) {
   const started = process.hrtime.bigint();
-  const { log, lines } = makeLog();
+  const { log, tail } = makeLog(writeFrame, config.channel);
   const escaped = escapedErrors();
   let value;
+  let loaded = false;
   try {
     const run = await Promise.race([loadStep(request, config.tmpdir), escaped]);
+    loaded = true;
     const ctx = {
       execution_id: request.context?.execution_id ?? "",
       step: request.context?.step ?? "",
       attempt: request.context?.attempt ?? 1,
       tmpdir: config.tmpdir,
       log,
+      Fatal,
     };
     value = await Promise.race([run(request.input, ctx), escaped]);
   } catch (err) {
     const filename = stepFilename(request);
-    const shown = describe(err, filename, request.source, commonJSPath(filename, config.tmpdir));
-    return failure("exception", shown, started, lines);
+    const shown = describe(err, filename, request.source, commonJSPath(filename, config.tmpdir), config);
+    // A source that does not compile fails the same way on every attempt.
+    const fatal = err?.name === "Fatal" || (!loaded && err instanceof SyntaxError);
+    return failure(fatal ? "fatal" : "exception", shown, started, tail());
   }
   let output;
   try {
     output = encode(value);
   } catch (err) {
-    return failure("exception", `output is not msgpack-serializable: ${err.message}`, started, lines);
+    return failure("exception", `output is not msgpack-serializable: ${err.message}`, started, tail());
   }
   const limit = Math.min(config.outputMax, request.output_max ?? config.outputMax);
   if (output.length > limit) {
-    return failure("output_limit", `output of ${output.length} bytes exceeds the limit of ${limit}`, started, lines);
+    return failure("output_limit", `output of ${output.length} bytes exceeds the limit of ${limit}`, started, tail());
   }
-  return { type: "result", ok: true, output: new Raw(output), error: null, logs: lines, duration_s: seconds(started) };
+  return { type: "result", ok: true, output: new Raw(output), error: null, logs: tail(), duration_s: seconds(started) };
 }
 
 function enterEnvironment(request, tmpdir) {
@@ -171,7 +170,7 @@ async function serveOneStep(config) {
     const request = readFrame(CHANNEL, config.outputMax + REQUEST_OVERHEAD);
     if (request.type !== "request") throw new Error(`expected a request, got ${request.type}`);
     enterEnvironment(request, config.tmpdir);
-    const result = await runStep(request, config);
+    const result = await runStep(request, { ...config, channel: CHANNEL });
     releaseStdio();
     writeFrame(CHANNEL, result);
     config.exit(0);

@@ -6,6 +6,8 @@ back to a node per step when the fork path is off or broken."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import shutil
 import socket
@@ -337,3 +339,41 @@ def test_a_node_zygote_that_stops_answering_fails_that_step_and_is_not_used_agai
     error_type, argv = asyncio.run(scenario())
     assert error_type == "sandbox"
     assert all(path.endswith("node_runner.cjs") for path in argv)
+
+
+def test_a_commonjs_step_requires_nothing_from_the_disk_by_name(
+    run_step: RunStep, tmp_path: Path
+) -> None:
+    # Without a filesystem view (Fargate) a step's tmpdir is under the host's /tmp, where any
+    # step can write: a package another step planted in /tmp/node_modules must not be what a
+    # bare require() finds. Planted here by the test, as that other step would.
+    package = f"runnerd-planted-{os.getpid()}"
+    planted = Path("/tmp/node_modules") / package
+    planted.mkdir(parents=True, exist_ok=True)
+    (planted / "index.js").write_text("module.exports = () => 'planted code ran';\n")
+    try:
+        result = run_step(
+            "exports.run = (name) => {\n"
+            "  try { return require(name)(); } catch (err) { return err.code; }\n"
+            "};\n",
+            "--input",
+            json.dumps(package),
+            suffix=".cjs",
+        )
+    finally:
+        shutil.rmtree(planted, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            planted.parent.rmdir()
+    assert result.report["ok"], result.report
+    assert result.output == "MODULE_NOT_FOUND"
+
+
+def test_a_step_file_name_stays_a_name(profile: str, tmp_path: Path) -> None:
+    # The name goes into the step's sourceURL comment: a line separator in it would end the
+    # comment and make the rest of the name code.
+    name = "a\u2028export function run() { return 'from the name'; }\u2028b.mjs"
+    step = tmp_path / name
+    step.write_text("// no run() here\n")
+    result = run_step_file(profile, step)
+    assert result.error_type == "exception", result.report
+    assert "exports no run" in result.report["error"]["message"]

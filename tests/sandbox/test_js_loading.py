@@ -104,7 +104,7 @@ def test_a_syntax_error_shows_the_file_line_and_caret(
     step.write_text(SYNTAX_ERRORS[name])
     line = 3 if name == "bad.mjs" else 2
     result = run_step_file(profile, step, env=js_env)
-    assert result.error_type == "exception", result.report
+    assert result.error_type == "fatal", result.report
     message = result.report["error"]["message"]
     assert message == (
         f"{name}:{line}\n  return input..x;\n               ^\n\nSyntaxError: Unexpected token '.'"
