@@ -51,6 +51,7 @@ GAUGE_INTERVAL_S = 5.0
 CANCEL_WAIT_S = 5.0  # after the hand-back: how long cancelled executions may take to unwind
 DEAD_LETTER_MAX_LEN = 100_000  # the dead-letter stream is trimmed (approximately) to this
 CONSUMER_ACTIVE_MS = 15_000  # a consumer that read within this long counts as a live worker
+LOOPS_STOP_S = READ_BLOCK_MS / 1000 + 2.0  # on drain: how long the loops may take to end
 
 
 class Capacity:
@@ -161,13 +162,19 @@ class Worker:
         self.log.info("worker %s serving %d partition(s)", self.worker_id, self.config.partitions)
         await self.stopping.wait()
         self.metrics.draining.set(1)
-        # The loops also stop on the event: a cancel that lands while redis-py sends a command
-        # is lost on Python < 3.12 (asyncio.wait_for returns the result when the inner write
-        # finished as the cancel came, CPython gh-86296), and a loop would then run forever.
-        for task in tasks:
+        # Every loop ends on the event by itself, within one read block. A loop cancelled
+        # mid-command could lose a reply that had already moved entries to this consumer (an
+        # XREADGROUP or XAUTOCLAIM), and those would then run nowhere. One that does not end
+        # in time (Redis hangs) is cancelled; whatever it took is handed back below. (Cancels
+        # alone would not do anyway: on Python < 3.12 asyncio.wait_for loses a cancel that lands
+        # as redis-py finishes a write, CPython gh-86296.)
+        _, stuck = await asyncio.wait(tasks, timeout=LOOPS_STOP_S)
+        for task in stuck:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if stuck:
+            await asyncio.wait(stuck, timeout=CANCEL_WAIT_S)
         await self.drain()
+        await self._hand_back_unstarted()
         await self._leave_group()
         if site is not None:
             await site.cleanup()
@@ -200,12 +207,27 @@ class Worker:
         if leftovers:
             await asyncio.wait(leftovers, timeout=CANCEL_WAIT_S)
 
+    async def _hand_back_unstarted(self) -> None:
+        """Give back what Redis lists as this worker's but never ran here: entries a read or a
+        reclaim took as the worker stopped. Without this they would sit pending until another
+        worker's reclaim, or be dropped with the consumer."""
+        for partition in range(self.config.partitions):
+            try:
+                returned = await self.store.give_back_pending(partition, self.worker_id)
+            except (RedisError, OSError) as exc:
+                self.log.warning("could not hand back partition %d's entries: %s", partition, exc)
+                continue
+            if returned:
+                what = f"{returned} unstarted entries of partition {partition}"
+                self.log.info("handed back %s", what)
+
     async def _leave_group(self) -> None:
-        """Remove this worker from the group (its entries were all acked or handed back), so
-        the count of live workers, and the backlog per worker, drop at once."""
+        """Remove this worker from the group, so the count of live workers, and the backlog
+        per worker, drop at once. Only when it holds nothing: what it still holds (an entry
+        without a body, a hand-back that failed) stays for another worker to reclaim."""
         for partition in range(self.config.partitions):
             with contextlib.suppress(RedisError, OSError):
-                await self.store.delete_consumer(partition, self.worker_id)
+                await self.store.leave_group(partition, self.worker_id)
 
     async def close(self) -> None:
         await self.spawner.close()
@@ -229,10 +251,12 @@ class Worker:
         not starve the other partitions' readers or the reclaimer. That entry may run one past
         the limit; the backlog behind it is read, without blocking, into free slots only."""
         entries = await self.store.read_new(partition, self.worker_id, 1, READ_BLOCK_MS)
+        if self.stopping.is_set():  # read as the worker stopped: handed back, not run
+            return
         for entry in entries:
             self.capacity.take_one_anyway()
             self._start(entry)
-        while entries:
+        while entries and not self.stopping.is_set():
             slots = self.capacity.take_now(self.config.concurrency)
             if slots == 0:
                 return
@@ -247,7 +271,9 @@ class Worker:
     def _start(self, entry: Entry) -> None:
         """Run an entry whose capacity slot is already taken."""
         key = (entry.partition, entry.entry_id)
-        if key in self.in_flight:  # reclaimed from ourselves: it is already running here
+        # Reclaimed from ourselves: it is already running here. Taken as the worker stopped:
+        # it stays pending and is handed back with the rest.
+        if key in self.in_flight or self.stopping.is_set():
             self.capacity.give(1)
             return
         task = asyncio.create_task(self._execute(entry))
@@ -351,7 +377,12 @@ class Worker:
                 # claim_idle_s after a Redis hiccup lets live workers' entries be taken over.
                 what = action.__name__.strip("_")
                 await self._back_off(what, exc, failures, min(BACKOFF_MAX_S, interval_s))
-            await asyncio.sleep(interval_s)
+            await self._pause(interval_s)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake as soon as the worker is told to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
 
     async def _back_off(
         self, what: str, exc: Exception, failures: int, most_s: float = BACKOFF_MAX_S
@@ -359,7 +390,7 @@ class Worker:
         self.metrics.redis_errors.labels(what).inc()
         delay = min(most_s, 0.1 * 2 ** min(failures, 6))
         self.log.warning("redis error in %s (%s); retrying in %.1f s", what, exc, delay)
-        await asyncio.sleep(delay)
+        await self._pause(delay)
 
 
 def _execution_id(entry: Entry) -> str | None:

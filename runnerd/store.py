@@ -87,6 +87,42 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
 """
 
+# Every entry `consumer` holds goes back to the stream as a fresh entry (drain: entries it read
+# or claimed but never started). One without a body is left pending: a reclaim dead-letters it.
+# KEYS: the work stream. ARGV: group, consumer, how many at most.
+_GIVE_BACK_PENDING = """
+local held = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', ARGV[3], ARGV[2])
+local returned = 0
+for _, pending in ipairs(held) do
+  local id = pending[1]
+  local found = redis.call('XRANGE', KEYS[1], id, id)
+  local body = nil
+  if #found > 0 then
+    local fields = found[1][2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'e' then body = fields[i + 1] end
+    end
+  end
+  if body then
+    redis.call('XADD', KEYS[1], '*', 'e', body)
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    redis.call('XDEL', KEYS[1], id)
+    returned = returned + 1
+  elseif #found == 0 then
+    redis.call('XACK', KEYS[1], ARGV[1], id)  -- deleted under us: nothing left to run
+  end
+end
+return returned
+"""
+
+# Leave the group only holding nothing: DELCONSUMER would drop what the consumer still holds.
+_LEAVE_GROUP = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+HAND_BACK_MAX = 10_000
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -108,6 +144,8 @@ class Store:
         self._promote_due = redis.register_script(_PROMOTE_DUE)
         self._dead_letter = redis.register_script(_DEAD_LETTER)
         self._give_back = redis.register_script(_GIVE_BACK)
+        self._give_back_pending = redis.register_script(_GIVE_BACK_PENDING)
+        self._leave_group = redis.register_script(_LEAVE_GROUP)
 
     # --- set-up and reading ----------------------------------------------------------------
 
@@ -202,12 +240,15 @@ class Store:
             for c in consumers
             if int(c.get("pending", 0)) == 0 and int(c.get("idle", 0)) >= idle_min_ms
         ]
-        for name in gone:
-            await self.delete_consumer(partition, name)
-        return len(gone)
+        left = 0
+        for name in gone:  # checked again in the script: it may have read since XINFO
+            left += await self.leave_group(partition, name)
+        return left
 
-    async def delete_consumer(self, partition: int, consumer: str) -> None:
-        await self.redis.xgroup_delconsumer(self.keys.work(partition), GROUP, consumer)
+    async def leave_group(self, partition: int, consumer: str) -> bool:
+        """Remove `consumer` from the group if it holds no entry; False if it still does."""
+        left = await self._leave_group(keys=[self.keys.work(partition)], args=[GROUP, consumer])
+        return bool(left)
 
     async def touch(self, partition: int, consumer: str, entry_ids: list[bytes]) -> None:
         """Reset the idle time of entries this worker is still running, so nobody steals them."""
@@ -305,6 +346,13 @@ class Store:
         await self._give_back(
             keys=[self.keys.work(entry.partition)], args=[GROUP, entry.entry_id, entry.body or b""]
         )
+
+    async def give_back_pending(self, partition: int, consumer: str) -> int:
+        """Hand back every entry `consumer` holds (it stops and runs none of them)."""
+        returned = await self._give_back_pending(
+            keys=[self.keys.work(partition)], args=[GROUP, consumer, HAND_BACK_MAX]
+        )
+        return int(returned)
 
 
 def _text(value: Any) -> str:
