@@ -34,6 +34,11 @@ class Keys:
         """Dead-letter stream: entries that could not be run, with the reason."""
         return f"{self.tag(partition)}:dead"
 
+    def workers(self) -> str:
+        """Hash of the live workers (field: worker id, value: a msgpack WorkerInfo), under
+        partition 0's tag so that it is one key on one cluster slot."""
+        return f"{self.tag(0)}:workers"
+
     def integration(self, partition: int, digest: str) -> str:
         """An integration definition (code included), stored once by content hash."""
         return f"{self.tag(partition)}:integration:{digest}"
@@ -64,6 +69,12 @@ class Keys:
         """Set by the submit that enqueued the execution: a second submit of the id is a no-op."""
         return self._execution(execution_id, "submitted")
 
-    def done(self, execution_id: str) -> str:
-        """A list that gets one element when the result is written: waiters BLPOP it."""
-        return self._execution(execution_id, "done")
+    def completions(self, partition: int) -> str:
+        """Stream of finished executions (field `c`: a msgpack Completion), trimmed to the
+        last COMPLETIONS_KEEP_MS: each client's one reader resolves its waiters from it."""
+        return f"{self.tag(partition)}:completions"
+
+    def cancel(self, execution_id: str) -> str:
+        """Set when an operator cancels the execution: workers stop it before its next step,
+        and kill the step it is running."""
+        return self._execution(execution_id, "cancel")

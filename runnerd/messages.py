@@ -14,7 +14,9 @@ from runnerd.integration import StepDefinition as StepDefinition
 from sandbox.protocol import NIL, StepError
 
 ENTRY_VERSION = 1
-ExecutionStatus = Literal["succeeded", "failed", "dead"]
+# `cancelled`: an operator cancelled it (`runnerd cancel`); its error says so.
+ExecutionStatus = Literal["succeeded", "failed", "dead", "cancelled"]
+FINAL_STATUSES: tuple[ExecutionStatus, ...] = ("succeeded", "failed", "dead", "cancelled")
 
 
 class StepOutcome(msgspec.Struct, frozen=True):
@@ -80,8 +82,19 @@ class ExecutionResult(msgspec.Struct, frozen=True):
     finished_at: float = 0.0
 
 
+class Completion(msgspec.Struct, frozen=True, array_like=True):
+    """One entry of a partition's completions stream, written in the same script as the
+    result: which execution finished, how, and its whole encoded ExecutionResult when that is
+    small (COMPLETION_RESULT_MAX), so a waiter needs no second read. Empty: GET the result."""
+
+    execution_id: str
+    status: ExecutionStatus
+    result: bytes = b""
+
+
 encoder = msgspec.msgpack.Encoder()
 integration_decoder = msgspec.msgpack.Decoder(Integration)
 execution_decoder = msgspec.msgpack.Decoder(Execution)
 checkpoint_decoder = msgspec.msgpack.Decoder(Checkpoint)
 result_decoder = msgspec.msgpack.Decoder(ExecutionResult)
+completion_decoder = msgspec.msgpack.Decoder(Completion)

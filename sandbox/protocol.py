@@ -38,6 +38,7 @@ ErrorType = Literal[
     "killed",
     "protocol",
     "sandbox",
+    "cancelled",  # set by runnerd, never by a child: an operator cancelled the execution
 ]
 
 T = TypeVar("T")
