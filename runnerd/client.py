@@ -16,6 +16,7 @@ polls.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import time
@@ -221,7 +222,7 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no result for {execution_id} after {timeout:g} s")
-            await self.redis.blpop([self.keys.done(execution_id)], timeout=min(left, WAIT_SLICE_S))
+            await asyncio.sleep(min(left, 0.02))  # interim: replaced by the completions reader
 
     async def run(
         self, integration: Integration, input: Any = None, timeout: float = 30.0

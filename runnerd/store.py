@@ -21,6 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 from runnerd.keys import GROUP, Keys
 from runnerd.messages import (
     Checkpoint,
+    Completion,
     Execution,
     ExecutionResult,
     Integration,
@@ -32,12 +33,17 @@ from runnerd.messages import (
 
 RedisClient = aioredis.Redis | RedisCluster
 ENTRY_FIELD = b"e"
+COMPLETION_FIELD = b"c"
+COMPLETIONS_KEEP_MS = 60_000  # how far back a client's reader can resume on the stream
+COMPLETION_RESULT_MAX = 2048  # a result up to this size rides in its completion entry
 
+# A result is announced on the partition's completions stream in the script that writes it, so
+# a waiter that saw neither the entry nor the key can only have looked before both existed.
+# The stream keeps COMPLETIONS_KEEP_MS of entries (MINID ~: trimmed whole macro-nodes at once).
 _COMPLETE = """
 local written = redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4], 'NX')
 if written then
-  redis.call('RPUSH', KEYS[2], '1')
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[6], '*', 'c', ARGV[5])
 end
 redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[3], ARGV[2])
@@ -72,8 +78,7 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 if #KEYS > 2 then
   if redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7], 'NX') then
-    redis.call('RPUSH', KEYS[4], '1')
-    redis.call('PEXPIRE', KEYS[4], ARGV[7])
+    redis.call('XADD', KEYS[4], 'MINID', '~', ARGV[9], '*', 'c', ARGV[8])
   end
   redis.call('DEL', KEYS[5], KEYS[6])
 end
@@ -296,16 +301,23 @@ class Store:
         """Write the result, wake waiters, ack. False if another worker had completed it."""
         k = self.keys
         execution_id = result.execution_id
+        encoded = encoder.encode(result)
         written = await self._complete(
             keys=[
                 k.result(execution_id),
-                k.done(execution_id),
+                k.completions(entry.partition),
                 k.work(entry.partition),
                 k.checkpoint(execution_id),
                 k.input(execution_id),
                 k.submitted(execution_id),
             ],
-            args=[GROUP, entry.entry_id, encoder.encode(result), self.result_ttl_ms],
+            args=[
+                GROUP,
+                entry.entry_id,
+                encoded,
+                self.result_ttl_ms,
+                *announcement(result, encoded),
+            ],
         )
         return bool(written)
 
@@ -334,11 +346,12 @@ class Store:
             execution_id = result.execution_id
             keys += [
                 k.result(execution_id),
-                k.done(execution_id),
+                k.completions(entry.partition),
                 k.checkpoint(execution_id),
                 k.input(execution_id),
             ]
-            args += [encoder.encode(result), self.result_ttl_ms]
+            encoded = encoder.encode(result)
+            args += [encoded, self.result_ttl_ms, *announcement(result, encoded)]
         await self._dead_letter(keys=keys, args=args)
 
     async def give_back(self, entry: Entry) -> None:
@@ -353,6 +366,14 @@ class Store:
             keys=[self.keys.work(partition)], args=[GROUP, consumer, HAND_BACK_MAX]
         )
         return int(returned)
+
+
+def announcement(result: ExecutionResult, encoded: bytes) -> tuple[bytes, int]:
+    """The completions-stream entry for a result just written, and the MINID that trims the
+    stream to COMPLETIONS_KEEP_MS: the two last arguments of every script that writes one."""
+    small = encoded if len(encoded) <= COMPLETION_RESULT_MAX else b""
+    completion = Completion(result.execution_id, result.status, small)
+    return encoder.encode(completion), int(time.time() * 1000) - COMPLETIONS_KEEP_MS
 
 
 def _text(value: Any) -> str:

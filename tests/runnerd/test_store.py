@@ -10,8 +10,8 @@ import msgspec
 
 from runnerd.client import Client, open_redis
 from runnerd.keys import Keys
-from runnerd.messages import ExecutionResult, Integration, result_decoder
-from runnerd.store import ENTRY_FIELD, Entry, Store
+from runnerd.messages import ExecutionResult, Integration, completion_decoder, result_decoder
+from runnerd.store import COMPLETION_FIELD, ENTRY_FIELD, Entry, Store
 from tests.runnerd.conftest import SHARED_REDIS_URL, run_async
 
 INTEGRATION = Integration.from_dict(
@@ -54,7 +54,11 @@ async def race(prefix: str, duplicate_entry: bool) -> None:
             winner = "a" if written[0] else "b"
             raw = await client.redis.get(keys.result(execution_id))
             assert result_decoder.decode(raw).worker == winner
-            assert await client.redis.llen(keys.done(execution_id)) == 1
+            # Announced once, by the winner, with its whole (small) result.
+            ((_, announced),) = await client.redis.xrange(keys.completions(0))
+            completion = completion_decoder.decode(announced[COMPLETION_FIELD])
+            assert completion.execution_id == execution_id and completion.status == "succeeded"
+            assert result_decoder.decode(completion.result).worker == winner
             pending = await client.redis.xpending(keys.work(0), "runnerd")
             assert pending["pending"] == 0  # the loser's entry is acked too
             assert await client.redis.xlen(keys.work(0)) == 0
