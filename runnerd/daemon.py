@@ -148,6 +148,9 @@ class Worker:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stopping.set)
+        # HTTP first: a busy port then stops the worker before any loop coroutine exists (one
+        # created and never awaited would be warned about after the message).
+        site = await self._start_http()
         loops = [self._reader(p) for p in range(self.config.partitions)]
         loops += [self._every(self.config.claim_idle_s / 2, self._reclaim)]
         loops += [
@@ -157,7 +160,6 @@ class Worker:
         ]
         if self.config.emf_interval_s > 0:
             loops.append(self._every(self.config.emf_interval_s, self._print_emf))
-        site = await self._start_http()
         tasks = [asyncio.create_task(coroutine) for coroutine in loops]
         self.log.info("worker %s serving %d partition(s)", self.worker_id, self.config.partitions)
         await self.stopping.wait()

@@ -76,5 +76,9 @@ async def _redis_ok(health: HealthSource) -> bool:
 async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()  # a busy port: nothing left open to be warned about at exit
+        raise
     return runner
