@@ -1,7 +1,19 @@
 """`runnerd` subcommands: parse, build Settings, make one call, return an exit code.
 
-Exit codes: 0 ok, 1 the work failed (a step, a missing required layer), 2 usage (bad flag,
-bad environment value, unreadable file). User errors print one line on stderr, no traceback.
+Exit codes, the same for every subcommand:
+  0  ok (the execution succeeded; the status was read; the dead letters were replayed; the
+     execution was cancelled)
+  1  the work failed, or what was asked did not happen: a step or an execution failed (also
+     `dead` or `cancelled`), a required sandbox layer is missing, Redis cannot be reached, a
+     replay was refused, a cancel came after the execution had finished
+  2  usage: a bad flag or environment value (REDIS_URL with no redis://, rediss:// or unix://
+     scheme, or a database the server does not have), an unreadable file, a negative
+     --timeout, `dead-letters purge` without --yes
+  3  nothing there (yet): no result within the timeout or at all, an unknown execution
+     (cancel), no such dead letter
+User errors print one line on stderr, no traceback. The operator's commands (status,
+dead-letters, cancel) print text, or one JSON document with --json; result and submit --wait
+print a result as one JSON line either way (--json is accepted there too).
 """
 
 from __future__ import annotations
@@ -53,9 +65,13 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "serve": ("redis_url", *WORKER, "http_port", "http_host"),
     "submit": CLIENT,
     "result": (*CLIENT, "result_ttl_s"),
+    "status": CLIENT,
+    "dead-letters": CLIENT,  # on each of its own subcommands
+    "cancel": (*CLIENT, "result_ttl_s"),
     "healthcheck": ("http_port",),
     "demo": WORKER,
 }
+DEAD_LETTER_ID = "<partition>:<stream id> as `dead-letters list` shows it, e.g. 0:1712345678901-0"
 METAVARS = {
     "redis_url": "URL",
     "key_prefix": "PREFIX",
@@ -102,31 +118,111 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start a private Redis for the life of this command and print its URL",
     )
-    submit = command("submit", "enqueue an execution of an integration")
+    submit = command(
+        "submit",
+        "enqueue an execution of an integration, or one per line of a JSON Lines file; print "
+        "the execution ids, or with --wait the results (exit 0 all succeeded, 1 one failed, 3 "
+        "one has no result in time)",
+    )
     submit.add_argument("integration", help="an integration JSON file")
     submit.add_argument(
-        "--input", default="null", metavar="JSON|@FILE", help="JSON input, or @file.json"
+        "--input",
+        default="null",
+        metavar="JSON|@FILE",
+        help="JSON input, @file.json, or @file.jsonl: one execution per line (blank lines "
+        "skipped; a bad line submits nothing)",
     )
-    submit.add_argument("--wait", action="store_true", help="wait and print the result")
+    submit.add_argument("--wait", action="store_true", help="wait and print the results")
     submit.add_argument(
-        "--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (--wait)"
+        "--timeout", type=_seconds, default=60.0, metavar="S", help="seconds to wait (--wait)"
     )
+    _add_json(submit, 'each id as {"execution_id": ...} (results are JSON anyway)')
     result = command(
         "result",
-        "print an execution's result as submit --wait does (exit 0 succeeded, 1 failed "
-        "or dead, 3 no result yet)",
+        "print an execution's result as submit --wait does (exit 0 succeeded, 1 failed, "
+        "dead or cancelled, 3 no result yet)",
     )
     result.add_argument("execution_id", help="what submit printed")
     result.add_argument("--wait", action="store_true", help="wait for the result")
     result.add_argument(
-        "--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (--wait)"
+        "--timeout", type=_seconds, default=60.0, metavar="S", help="seconds to wait (--wait)"
     )
+    _add_json(result, "the result (it is JSON anyway)")
+    status = command(
+        "status",
+        "per partition the backlog, pending, oldest entry's age, delayed retries and dead "
+        "letters; the live workers; totals",
+    )
+    _add_json(status, "one JSON document")
+    dead = command("dead-letters", "list, show, replay or purge the dead-letter streams")
+    _add_dead_letter_commands(dead)
+    cancel = command(
+        "cancel",
+        "cancel an execution: a queued one never runs, a running one has its step killed; "
+        "its result is `cancelled` (exit 0 cancelled, 1 it had finished, 3 unknown)",
+    )
+    cancel.add_argument("execution_id", help="what submit printed")
+    _add_json(cancel, "{execution_id, outcome: cancelled|finished|unknown, status}")
     command("healthcheck", "exit 0 when this host's worker answers /healthz (for HEALTHCHECK)")
     demo = command("demo", "run the bundled 6-step integration on an embedded Redis and one worker")
     demo.add_argument("--runs", type=int, default=20, help="timed runs after the first")
     for name, subparser in commands.choices.items():
-        _add_setting_flags(subparser, COMMAND_SETTINGS[name])
+        if name == "dead-letters":  # a flag belongs to the subcommand it is given after
+            for leaf in _subcommands(subparser).values():
+                _add_setting_flags(leaf, COMMAND_SETTINGS[name])
+        else:
+            _add_setting_flags(subparser, COMMAND_SETTINGS[name])
     return parser
+
+
+def _add_dead_letter_commands(parser: argparse.ArgumentParser) -> None:
+    leaves = parser.add_subparsers(
+        dest="dead_letters_command", metavar="SUBCOMMAND", parser_class=_Parser, title="subcommands"
+    )
+
+    def leaf(name: str, help_text: str) -> argparse.ArgumentParser:
+        full = f"{help_text}. A dead letter's id: {DEAD_LETTER_ID}"
+        return leaves.add_parser(
+            name, help=help_text, description=full, formatter_class=_HelpFormatter
+        )
+
+    listing = leaf("list", "the newest dead letters: id, when, execution, reason")
+    listing.add_argument("--limit", type=int, default=20, metavar="N", help="how many at most")
+    _add_json(listing, "{total, dead_letters: [...]}")
+    show = leaf("show", "one dead letter whole: reason, the execution, its result")
+    show.add_argument("id", help="a dead letter's id")
+    _add_json(show, "one JSON document")
+    replay = leaf(
+        "replay",
+        "put dead letters' executions back on the work stream as attempt 1, with a fresh "
+        "delivery count; says what it did per id (exit 1 if one was refused)",
+    )
+    replay.add_argument("ids", nargs="+", metavar="ID", help="dead letters' ids")
+    _add_json(replay, "{replays: [{id, outcome, execution_id, new_entry_id}]}")
+    purge = leaf("purge", "delete every dead letter (refused, exit 2, without --yes)")
+    purge.add_argument("--yes", action="store_true", help="really delete them")
+    _add_json(purge, "{deleted: N}")
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _add_json(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--json", action="store_true", help=f"print JSON: {what}")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...]) -> None:
@@ -272,6 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(
                 f"a command is needed: {', '.join(COMMAND_SETTINGS)} (runnerd --help says more)"
             )
+        if args.command == "dead-letters" and args.dead_letters_command is None:
+            raise UsageError(
+                "dead-letters: a subcommand is needed: list, show, replay, purge "
+                "(runnerd dead-letters --help says more)"
+            )
         settings = _settings_from(args, dict(os.environ))
         if args.command == "run-step":
             return run_step.command(args, exec_argv, settings, _run)
@@ -279,12 +380,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_doctor(settings)
         if args.command == "healthcheck":
             return cmd_healthcheck(settings)
-        from runnerd import commands  # the Redis side is only imported when used
+        from runnerd import commands, operator_commands  # the Redis side: only when used
 
         handler = {
             "serve": commands.serve,
             "submit": commands.submit,
             "result": commands.result,
+            "status": operator_commands.status,
+            "dead-letters": operator_commands.dead_letters_command,
+            "cancel": operator_commands.cancel,
             "demo": commands.demo,
         }
         return int(_run(handler[args.command](args, settings)))

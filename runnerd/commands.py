@@ -1,8 +1,10 @@
-"""The Redis-side subcommands: serve, submit, demo. cli.py parses; these do one thing each."""
+"""The Redis-side subcommands: serve, submit, result, demo (the operator's status, dead
+letters and cancel are in operator.py). cli.py parses; these do one thing each."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import statistics
@@ -11,27 +13,32 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
+from redis.exceptions import ResponseError
 
-from runnerd import log
+from runnerd import log, queue_state
 from runnerd.client import Client, Result
 from runnerd.daemon import Worker
 from runnerd.embedded import EmbeddedRedis
-from runnerd.errors import SandboxUnavailable, UsageError
+from runnerd.errors import ConfigError, SandboxUnavailable, UsageError
 from runnerd.messages import Integration
 from runnerd.outcomes import (
     EXIT_FAILED,
     EXIT_NO_RESULT,
     EXIT_OK,
     check_required_layers,
+    is_json_lines,
     outcome_json,
     read_json_input,
+    read_json_lines,
     write_stdout,
 )
 from runnerd.settings import Settings
 
 DEMO = Path(__file__).resolve().parent / "demo" / "integration.json"
+REDIS_SCHEMES = ("redis", "rediss", "unix")  # what redis-py's from_url reads
 
 
 @contextlib.asynccontextmanager
@@ -58,7 +65,8 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
         if args.embedded_redis:
             hint = f"submit with: REDIS_URL={url} runnerd submit ..."
             print(f"runnerd: embedded Redis at {url} — {hint}", file=sys.stderr)
-        worker = await start_worker(settings, url)
+        async with redis_errors_explained(url):
+            worker = await start_worker(settings, url)
         try:
             await worker.serve()
         finally:
@@ -87,32 +95,39 @@ def result_json(result: Result) -> dict[str, Any]:
 
 
 async def submit(args: argparse.Namespace, settings: Settings) -> int:
+    """`runnerd submit FILE [--input JSON|@FILE.json|@FILE.jsonl] [--wait]`: one execution,
+    or one per line of a JSON Lines file; their ids, or with --wait their results, one line
+    each in input order."""
     integration = Integration.load(args.integration)
-    data = read_json_input(args.input)
-    async with Client.connect(
-        settings.redis_url, settings.key_prefix, settings.partitions
-    ) as client:
-        execution_id = await client.submit(integration, data)
-        if not args.wait:
-            print(execution_id)
-            return EXIT_OK
-        return await _print_result(client, execution_id, args.timeout)
+    many = is_json_lines(args.input)
+    inputs = read_json_lines(args.input) if many else [read_json_input(args.input)]
+    async with connected_client(settings) as client:
+        execution_ids = await submit_inputs(client, integration, inputs)
+        if args.wait:
+            if many:
+                return await _print_results(client, execution_ids, args.timeout, settings)
+            return await _print_result(client, execution_ids[0], args.timeout, settings)
+    for execution_id in execution_ids:
+        print(json_line({"execution_id": execution_id}) if args.json else execution_id)
+    return EXIT_OK
+
+
+async def submit_inputs(client: Client, integration: Integration, inputs: list[Any]) -> list[str]:
+    """One execution per input; their ids in input order. A loop of submits until the
+    client's pipelined submit_many lands."""
+    return [await client.submit(integration, data) for data in inputs]
 
 
 async def result(args: argparse.Namespace, settings: Settings) -> int:
     """`runnerd result ID [--wait]`: what `submit --wait` prints, for an execution submitted
     earlier (or by someone else)."""
-    if args.timeout < 0:
-        raise UsageError("--timeout must not be negative")
-    async with Client.connect(
-        settings.redis_url, settings.key_prefix, settings.partitions
-    ) as client:
+    async with connected_client(settings) as client:
         try:
             client.keys.partition_of(args.execution_id)
         except ValueError as exc:
             raise UsageError(f"{exc} (RUNNERD_PARTITIONS={settings.partitions})") from None
         if args.wait:
-            return await _print_result(client, args.execution_id, args.timeout)
+            return await _print_result(client, args.execution_id, args.timeout, settings)
         found = await client.result(args.execution_id)
     if found is None:
         print(
@@ -124,18 +139,104 @@ async def result(args: argparse.Namespace, settings: Settings) -> int:
     return _write_result(found)
 
 
-async def _print_result(client: Client, execution_id: str, timeout_s: float) -> int:
+@contextlib.asynccontextmanager
+async def connected_client(settings: Settings) -> AsyncIterator[Client]:
+    url = settings.redis_url
+    client = Client.connect(url, settings.key_prefix, settings.partitions)
+    async with redis_errors_explained(url), client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def redis_errors_explained(url: str) -> AsyncIterator[None]:
+    """A REDIS_URL that cannot work, in one line naming it, before or at the first command:
+    no scheme redis-py reads (it would fail later, less clearly), or a database the server
+    does not have (Redis says so only when the first command arrives)."""
+    scheme = urlsplit(url).scheme
+    if scheme not in REDIS_SCHEMES:
+        accepted = ", ".join(f"{name}://" for name in REDIS_SCHEMES)
+        raise ConfigError(
+            f"REDIS_URL {url!r} has no valid scheme (one of {accepted}), "
+            "e.g. redis://127.0.0.1:6379/0"
+        )
+    try:
+        yield
+    except ResponseError as exc:
+        if "DB index is out of range" not in str(exc):
+            raise
+        raise ConfigError(
+            f"REDIS_URL {url!r} names a database this Redis does not have ({exc}); "
+            "use /0, or one below the server's `databases` setting"
+        ) from None
+
+
+async def _print_result(
+    client: Client, execution_id: str, timeout_s: float, settings: Settings
+) -> int:
     try:
         found = await client.wait(execution_id, timeout=timeout_s)
     except TimeoutError:
-        print(
-            f"runnerd: no result for {execution_id} after {timeout_s:g} s: it is still queued "
-            "or running (is a worker serving this Redis, key prefix and partitions?); "
-            f"`runnerd result {execution_id} --wait` waits again",
-            file=sys.stderr,
-        )
+        print(await _no_result(client, [execution_id], timeout_s, settings), file=sys.stderr)
         return EXIT_NO_RESULT
     return _write_result(found)
+
+
+async def _print_results(
+    client: Client, execution_ids: list[str], timeout_s: float, settings: Settings
+) -> int:
+    """One line per execution in input order: its result, or `{"execution_id": ID, "status":
+    null}` when it has none within the timeout (one deadline for all). Exit 1 if any failed,
+    else 3 if any has no result, else 0."""
+
+    async def wait(execution_id: str) -> Result | None:
+        try:
+            return await client.wait(execution_id, timeout=timeout_s)
+        except TimeoutError:
+            return None
+
+    found = await asyncio.gather(*(wait(execution_id) for execution_id in execution_ids))
+    lines = [
+        result_json(one) if one else {"execution_id": execution_id, "status": None}
+        for execution_id, one in zip(execution_ids, found, strict=True)
+    ]
+    write_stdout("".join(json_line(line) + "\n" for line in lines))
+    pairs = zip(execution_ids, found, strict=True)
+    missing = [execution_id for execution_id, one in pairs if one is None]
+    if missing:
+        print(await _no_result(client, missing, timeout_s, settings), file=sys.stderr)
+    if any(one is not None and not one.ok for one in found):
+        return EXIT_FAILED
+    return EXIT_NO_RESULT if missing else EXIT_OK
+
+
+async def _no_result(
+    client: Client, missing: list[str], timeout_s: float, settings: Settings
+) -> str:
+    """Why there is no result: nothing reads the stream (no worker), or it is still running."""
+    which = missing[0] if len(missing) == 1 else f"{len(missing)} executions"
+    partitions = sorted({client.keys.partition_of(execution_id) for execution_id in missing})
+    serving = [await queue_state.anyone_serving(client.redis, client.keys, p) for p in partitions]
+    again = (
+        f"`runnerd result {missing[0]} --wait`"
+        if len(missing) == 1
+        else "`runnerd result ID --wait`"
+    )
+    if not any(serving):
+        still = "it is" if len(missing) == 1 else "they are"
+        return (
+            f"runnerd: no result for {which} after {timeout_s:g} s: nothing consumed the work "
+            f"stream (no worker serves key prefix {settings.key_prefix!r} on this REDIS_URL), "
+            f"so {still} still queued; start `runnerd serve`, then {again} waits for it"
+        )
+    return (
+        f"runnerd: no result for {which} after {timeout_s:g} s: still queued or running "
+        "(is a worker serving this Redis, key prefix and partitions?); "
+        f"{again} waits again"
+    )
+
+
+def json_line(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
 
 
 def _write_result(found: Result) -> int:

@@ -6,6 +6,7 @@ the word on missing sandbox layers."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,11 @@ from sandbox.bounded import DecodeLimitError
 from sandbox.protocol import Capabilities, StepError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-EXIT_NO_RESULT = 3  # result, submit --wait: the execution has no result (yet)
+# Nothing there (yet): result and submit --wait without a result, cancel of an unknown
+# execution, a dead letter that does not exist.
+EXIT_NO_RESULT = 3
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+_BYTE = re.compile(r"\(byte (?P<offset>\d+)\)")
 
 
 def read_json_input(value: str) -> Any:
@@ -32,6 +37,40 @@ def read_json_input(value: str) -> Any:
         return msgspec.json.decode(text)
     except msgspec.DecodeError as exc:
         raise UsageError(f"--input is not valid JSON: {exc}") from exc
+
+
+def is_json_lines(value: str) -> bool:
+    """--input @file.jsonl (or .ndjson): one input per line."""
+    return value.startswith("@") and value.lower().endswith(JSON_LINES_SUFFIXES)
+
+
+def read_json_lines(value: str) -> list[Any]:
+    """--input @inputs.jsonl: one JSON value per line, blank lines skipped. Every line is
+    decoded before anything is submitted, so a bad line (named by its number) submits none."""
+    path = value[1:]
+    inputs = []
+    for number, line in enumerate(read_text(Path(path), "input file").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            inputs.append(msgspec.json.decode(line))
+        except msgspec.DecodeError as exc:
+            where = _with_column(str(exc), line)
+            raise UsageError(
+                f"--input {path} line {number} is not valid JSON: {where}; nothing was submitted"
+            ) from exc
+    if not inputs:
+        raise UsageError(f"--input {path} has no inputs (one JSON value per line)")
+    return inputs
+
+
+def _with_column(message: str, line: str) -> str:
+    """msgspec's "(byte N)" as the column a person counts (characters, from 1)."""
+    found = _BYTE.search(message)
+    if found is None:
+        return message
+    column = len(line.encode()[: int(found["offset"])].decode(errors="replace")) + 1
+    return message.replace(found[0], f"(column {column})")
 
 
 def read_text(path: Path, what: str) -> str:
