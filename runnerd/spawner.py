@@ -11,7 +11,9 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -20,7 +22,7 @@ from runnerd.errors import SandboxUnavailable
 from runnerd.messages import StepOutcome
 from runnerd.metrics import Metrics
 from runnerd.pool import WarmPool
-from runnerd.zygote_link import SandboxOptions, Zygote
+from runnerd.zygote_link import EXIT_WAIT_S, SandboxOptions, Zygote
 from sandbox.protocol import (
     Capabilities,
     Limits,
@@ -93,7 +95,14 @@ class Spawner:
             want_code_cache=key is not None and cached is None,
             output_max=step.limits.output_mb * MB,
         )
-        outcome, code_cache = await child.run(request)
+        try:
+            outcome, code_cache = await child.run(request)
+        except asyncio.CancelledError:
+            # An operator's cancel or a drain's hand-back: Child.run would leave the child
+            # running, its channel and pipes open, until the zygote closes. Kill it now and
+            # reap it, so its slot and uid are free before the caller goes on.
+            await _shielded(self._abandon(child))
+            raise
         if self.pool_size > 0:
             # Refill only now: a replacement started while the step runs competes with it.
             self._pool(step.runtime, step.limits).refill()
@@ -117,8 +126,19 @@ class Spawner:
             self.zygote, new.pid, limits, new.channel, new.stdout, new.stderr
         )
         child.uid = new.uid
-        failure = await child.wait_ready(limits.wall_s)
+        try:
+            failure = await child.wait_ready(limits.wall_s)
+        except asyncio.CancelledError:
+            await _shielded(self._abandon(child))
+            raise
         return failure if failure is not None else child
+
+    async def _abandon(self, child: Child) -> None:
+        pid = child.pid
+        await child.discard()  # SIGKILL through the zygote; channel closed, pipes' readers ended
+        if self.zygote.memory_watch is not None:
+            self.zygote.memory_watch.remove(pid)
+        await self.zygote.exited(pid, EXIT_WAIT_S)
 
     def _pool(self, runtime: Runtime, limits: Limits) -> WarmPool:
         key = (runtime, limits)
@@ -149,6 +169,17 @@ class Spawner:
             await pool.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
         await self.zygote.close()
+
+
+async def _shielded(cleanup: Coroutine[Any, Any, None]) -> None:
+    """Run `cleanup` to its end even if the caller is cancelled again meanwhile."""
+    task = asyncio.ensure_future(cleanup)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        raise
 
 
 def _code_key(step: StepSpec) -> str:
