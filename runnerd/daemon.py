@@ -9,9 +9,11 @@
            the rest back to the group (another worker picks them up at once), exit 0
 
 Beside them: the HTTP server (/healthz, /readyz, /metrics), a gauge loop reading the backlog
-from Redis every few seconds (so a scrape never waits on Redis), and, when configured, the
-autoscaling signal as a CloudWatch EMF line on stdout. Every loop survives Redis errors: it logs,
-counts, backs off and tries again.
+and the oldest entry's age from Redis every few seconds (so a scrape never waits on Redis),
+and, when configured, the autoscaling signal as a CloudWatch EMF line on stdout. Two loops go
+on through the drain: the cancel poll (an operator's cancel of an execution running here kills
+its step) and the worker's announcement in the registry (`runnerd status`), removed at the end.
+Every loop survives Redis errors: it logs, counts, backs off and tries again.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ import msgspec
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from runnerd import emf, http
+import runnerd
+from runnerd import emf, http, registry
 from runnerd.client import open_redis
 from runnerd.errors import RunnerdError
-from runnerd.executor import Executor, RetryPolicy
+from runnerd.executor import Ending, Executor, RetryPolicy
 from runnerd.keys import Keys
 from runnerd.messages import execution_decoder
 from runnerd.metrics import Metrics
@@ -52,6 +55,8 @@ CANCEL_WAIT_S = 5.0  # after the hand-back: how long cancelled executions may ta
 DEAD_LETTER_MAX_LEN = 100_000  # the dead-letter stream is trimmed (approximately) to this
 CONSUMER_ACTIVE_MS = 15_000  # a consumer that read within this long counts as a live worker
 LOOPS_STOP_S = READ_BLOCK_MS / 1000 + 2.0  # on drain: how long the loops may take to end
+CANCEL_POLL_S = 0.5  # how often the cancel markers of in-flight executions are read
+ANNOUNCE_INTERVAL_S = 5.0  # registry: readers keep workers seen within 15 s, three of these
 
 
 class Capacity:
@@ -105,6 +110,8 @@ class Worker:
         self.capacity = Capacity(config.concurrency)
         self.in_flight: dict[tuple[int, bytes], tuple[Entry, asyncio.Task[None]]] = {}
         self.stopping = asyncio.Event()
+        self.drained = asyncio.Event()  # set once nothing of this worker runs any more
+        self.started_at = time.time()
         self.finished = 0
         capabilities = spawner.capabilities
         for layer, status in capabilities.layers.items():
@@ -114,7 +121,7 @@ class Worker:
 
     @classmethod
     async def start(cls, config: Settings) -> Worker:
-        metrics = Metrics()
+        metrics = Metrics(config.metrics_integration_label)
         redis = await open_redis(config.redis_url)
         try:
             spawner = await Spawner.start(
@@ -161,9 +168,16 @@ class Worker:
         if self.config.emf_interval_s > 0:
             loops.append(self._every(self.config.emf_interval_s, self._print_emf))
         tasks = [asyncio.create_task(coroutine) for coroutine in loops]
+        # These two go on while the worker drains; they end on `drained`.
+        background = [
+            asyncio.create_task(self._every(CANCEL_POLL_S, self._poll_cancels, self.drained)),
+            asyncio.create_task(self._every(ANNOUNCE_INTERVAL_S, self._announce, self.drained)),
+        ]
         self.log.info("worker %s serving %d partition(s)", self.worker_id, self.config.partitions)
         await self.stopping.wait()
         self.metrics.draining.set(1)
+        with contextlib.suppress(RedisError, OSError):
+            await self._announce()  # draining: `runnerd status` says so at once
         # Every loop ends on the event by itself, within one read block. A loop cancelled
         # mid-command could lose a reply that had already moved entries to this consumer (an
         # XREADGROUP or XAUTOCLAIM), and those would then run nowhere. One that does not end
@@ -176,8 +190,12 @@ class Worker:
         if stuck:
             await asyncio.wait(stuck, timeout=CANCEL_WAIT_S)
         await self.drain()
+        self.drained.set()
         await self._hand_back_unstarted()
         await self._leave_group()
+        await asyncio.wait(background, timeout=LOOPS_STOP_S)
+        with contextlib.suppress(RedisError, OSError):
+            await registry.forget(self.redis, self.keys, self.worker_id)
         if site is not None:
             await site.cleanup()
         self.log.info("worker %s stopped after %d execution(s)", self.worker_id, self.finished)
@@ -285,28 +303,40 @@ class Worker:
         self.metrics.set_in_flight(len(self.in_flight), self.config.concurrency)
         started = time.perf_counter()
         try:
-            status = await self._with_retries(lambda: self.executor.handle(entry))
+            ending = await self._with_retries(lambda: self.executor.handle(entry))
             self.finished += 1
             duration_s = time.perf_counter() - started
-            if status is not None:
-                self.metrics.executions.labels(status).inc()
-                self.metrics.execution_duration.observe(duration_s)
-            # Straight to the logger: a LoggerAdapter on 3.11 would drop this call's extra.
-            log.info(
-                "execution %s in %.1f ms",
-                status or "parked for a retry",
-                duration_s * 1000,
-                extra={"execution_id": _execution_id(entry), "worker_id": self.worker_id},
-            )
+            if ending.status is not None:
+                self.metrics.execution_ended(ending.status, ending.integration, duration_s)
+            self._log_end(entry, ending, duration_s)
         except Exception:  # the loop's edge: log and count; the entry is reclaimed later
             self.log.exception(
                 "execution of entry %s failed in the worker", entry.entry_id.decode()
             )
-            self.metrics.executions.labels("error").inc()
+            self.metrics.execution_ended("error", "", None)
         finally:
             self.in_flight.pop((entry.partition, entry.entry_id), None)
             self.capacity.give(1)
             self.metrics.set_in_flight(len(self.in_flight), self.config.concurrency)
+
+    def _log_end(self, entry: Entry, ending: Ending, duration_s: float) -> None:
+        """The end-of-execution line, with what an SRE filters by as fields of their own:
+        the integration, the failed step, the error type, a dead letter's reason."""
+        fields = {
+            "execution_id": _execution_id(entry),
+            "worker_id": self.worker_id,
+            "integration": ending.integration or None,
+            "failed_step": ending.failed_step,
+            "error_type": ending.error_type,
+            "reason": ending.reason,
+        }
+        # Straight to the logger: a LoggerAdapter on 3.11 would drop this call's extra.
+        log.info(
+            "execution %s in %.1f ms",
+            ending.status or "parked for a retry",
+            duration_s * 1000,
+            extra=fields,
+        )
 
     async def _with_retries(self, action: Callable[[], Awaitable[T]]) -> T:
         """Run an execution; when Redis fails under it, try again (its checkpoint makes the
@@ -355,10 +385,43 @@ class Worker:
     async def _read_gauges(self) -> None:
         backlog = 0
         workers: set[str] = set()
+        oldest_ms: int | None = None
         for partition in range(self.config.partitions):
             backlog += await self.store.backlog(partition)
             workers |= await self.store.active_consumers(partition, CONSUMER_ACTIVE_MS)
+            first_ms = await self.store.oldest_entry_ms(partition)
+            if first_ms is not None and (oldest_ms is None or first_ms < oldest_ms):
+                oldest_ms = first_ms
         self.metrics.set_backlog(backlog, len(workers | {self.worker_id}))
+        # Stream ids carry Redis's clock, compared here with the worker's: NTP keeps them close.
+        age_s = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms is not None else 0.0
+        self.metrics.oldest_pending_age.set(age_s)
+
+    async def _poll_cancels(self) -> None:
+        """Read the cancel markers of what runs here, one MGET per partition (its keys share
+        one slot), and cancel those an operator marked."""
+        by_partition: dict[int, list[str]] = {}
+        for execution_id, partition in list(self.executor.running.items()):
+            by_partition.setdefault(partition, []).append(execution_id)
+        for execution_ids in by_partition.values():
+            for execution_id in await self.store.cancelled(execution_ids):
+                if self.executor.cancel(execution_id):
+                    self.log.info("cancelling execution %s (an operator's cancel)", execution_id)
+
+    async def _announce(self) -> None:
+        info = registry.WorkerInfo(
+            worker_id=self.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=runnerd.__version__,
+            concurrency=self.config.concurrency,
+            in_flight=len(self.in_flight),
+            partitions=self.config.partitions,
+            started_at=self.started_at,
+            seen_at=time.time(),
+            draining=self.stopping.is_set(),
+        )
+        await registry.announce(self.redis, self.keys, info)
 
     async def _print_emf(self) -> None:
         metrics = self.metrics
@@ -367,9 +430,16 @@ class Worker:
         )
         print(line, flush=True)
 
-    async def _every(self, interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
+    async def _every(
+        self,
+        interval_s: float,
+        action: Callable[[], Awaitable[None]],
+        until: asyncio.Event | None = None,
+    ) -> None:
+        """Run `action` every `interval_s` until `until` (default: the worker stopping)."""
+        until = until or self.stopping
         failures = 0
-        while not self.stopping.is_set():
+        while not until.is_set():
             try:
                 await action()
                 failures = 0
@@ -379,12 +449,12 @@ class Worker:
                 # claim_idle_s after a Redis hiccup lets live workers' entries be taken over.
                 what = action.__name__.strip("_")
                 await self._back_off(what, exc, failures, min(BACKOFF_MAX_S, interval_s))
-            await self._pause(interval_s)
+            await self._pause(interval_s, until)
 
-    async def _pause(self, seconds: float) -> None:
-        """Sleep, but wake as soon as the worker is told to stop."""
+    async def _pause(self, seconds: float, until: asyncio.Event | None = None) -> None:
+        """Sleep, but wake as soon as the worker is told to stop (or `until` is set)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+            await asyncio.wait_for((until or self.stopping).wait(), seconds)
 
     async def _back_off(
         self, what: str, exc: Exception, failures: int, most_s: float = BACKOFF_MAX_S

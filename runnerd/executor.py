@@ -1,7 +1,12 @@
 """One execution, step after step, on this worker: the output of step k is the input of step
 k+1, in memory. After each step a checkpoint is written, so that a worker that picks up this
 entry after a crash resumes at the first unfinished step. The outcome (succeeded, failed,
-retry later, dead) is decided here, in one place.
+retry later, dead, cancelled) is decided here, in one place.
+
+An operator's cancel (runnerd/cancel.py) is seen when the entry is taken (the marker is read
+with the checkpoint and the input) and, while the execution runs, by the daemon's poll, which
+calls `cancel()`: no further step starts, and the running step's task is cancelled, which kills
+its child (Spawner.run_step). The entry is then completed: the operator's result stays (SET NX).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from runnerd.cancel import cancelled_result
 from runnerd.messages import (
     ENTRY_VERSION,
     Checkpoint,
@@ -26,7 +32,7 @@ from runnerd.messages import (
     StepReport,
     execution_decoder,
 )
-from runnerd.metrics import Metrics
+from runnerd.metrics import DeadReason, Metrics
 from runnerd.spawner import Spawner, StepSpec
 from runnerd.store import Entry, Store
 from sandbox.protocol import NIL, StepContext, StepError
@@ -45,6 +51,17 @@ class RetryPolicy:
         """Exponential backoff with full jitter around it (attempt 1 is the first retry)."""
         ceiling = min(self.max_s, self.base_s * 2 ** (attempt - 1))
         return float(ceiling * (0.5 + random.random() / 2))
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How an execution ended here, for the end-of-execution log line and the metrics."""
+
+    status: ExecutionStatus | None  # None: parked for a retry
+    integration: str = ""  # its name; "" when unknown (an undecodable entry, say)
+    failed_step: str | None = None
+    error_type: str | None = None
+    reason: DeadReason | None = None  # why it was dead-lettered
 
 
 class Executor:
@@ -66,51 +83,81 @@ class Executor:
         self.max_deliveries = max_deliveries
         self.dead_letter_max_len = dead_letter_max_len
         self._integrations: dict[str, Integration] = {}
+        self.running: dict[str, int] = {}  # execution id -> partition, for the cancel poll
+        self._cancelled: set[str] = set()  # of those, the ones an operator cancelled
+        self._steps: dict[str, asyncio.Task[StepOutcome]] = {}  # each one's running step
 
-    async def handle(self, entry: Entry) -> ExecutionStatus | None:
-        """Run one entry to its end state. None when it was parked for a retry."""
+    def cancel(self, execution_id: str) -> bool:
+        """An operator cancelled this running execution: start no further step of it, and kill
+        the one it runs. False when it does not run here (any more) or was cancelled already."""
+        if execution_id not in self.running or execution_id in self._cancelled:
+            return False
+        self._cancelled.add(execution_id)
+        step = self._steps.get(execution_id)
+        if step is not None:
+            step.cancel()
+        return True
+
+    async def handle(self, entry: Entry) -> Ending:
+        """Run one entry to its end state (or park it for a retry)."""
         try:
             execution = execution_decoder.decode(entry.body or b"")
         except (msgspec.DecodeError, TypeError) as exc:
-            await self._dead(entry, None, f"undecodable entry: {exc}")
-            return "dead"
+            return await self._dead(entry, None, "undecodable", f"undecodable entry: {exc}")
         if not self._belongs_to(execution, entry.partition):
             # Its keys would be another partition's (another cluster slot) or none at all, so
             # nobody can be told: dead-letter the entry alone.
             reason = (
                 f"execution id {execution.execution_id!r} is not one of partition {entry.partition}"
             )
-            await self._dead(entry, None, reason)
-            return "dead"
+            return await self._dead(entry, None, "wrong_partition", reason)
         if execution.version != ENTRY_VERSION:
             # Written by a newer (or broken) client: guessing at its meaning could run the
             # wrong thing, so tell the submitter instead.
             reason = (
                 f"entry version {execution.version} unknown (this worker reads {ENTRY_VERSION})"
             )
-            await self._dead(entry, execution, reason)
-            return "dead"
+            return await self._dead(entry, execution, "unknown_version", reason)
+        execution_id = execution.execution_id
+        self.running[execution_id] = entry.partition
+        try:
+            return await self._take(entry, execution)
+        finally:
+            self.running.pop(execution_id, None)
+            self._cancelled.discard(execution_id)
+
+    async def _take(self, entry: Entry, execution: Execution) -> Ending:
+        checkpoint, payload, cancelled = await self.store.start_state(execution.execution_id)
+        if cancelled:  # before the delivery count: a cancelled execution is never dead
+            found = await self._integration(entry.partition, execution.integration)
+            name = found.name if isinstance(found, Integration) else ""
+            attempt = checkpoint.attempt if checkpoint else execution.attempt
+            return await self._cancelled_end(entry, execution, name, None, [], attempt, None)
         if entry.deliveries > self.max_deliveries:
             reason = f"delivered {entry.deliveries} times (limit {self.max_deliveries})"
-            await self._dead(entry, execution, reason)
-            return "dead"
+            return await self._dead(entry, execution, "too_many_deliveries", reason)
         integration = await self._integration(entry.partition, execution.integration)
-        if isinstance(integration, str):
-            await self._dead(entry, execution, integration)
-            return "dead"
-        return await self._run(entry, execution, integration)
+        if isinstance(integration, tuple):
+            return await self._dead(entry, execution, *integration)
+        if checkpoint is None:
+            if payload is None:
+                return await self._finished_or_dead(entry, execution, integration.name)
+            checkpoint = Checkpoint(0, execution.attempt, msgspec.Raw(payload))
+            # Its first run: the time it waited for a worker is known once its first step starts.
+            first_run = execution.attempt == 1 and entry.deliveries == 1
+            return await self._run(entry, execution, integration, checkpoint, first_run)
+        return await self._run(entry, execution, integration, checkpoint, False)
 
     async def _run(
-        self, entry: Entry, execution: Execution, integration: Integration
-    ) -> ExecutionStatus | None:
+        self,
+        entry: Entry,
+        execution: Execution,
+        integration: Integration,
+        checkpoint: Checkpoint,
+        first_run: bool,
+    ) -> Ending:
         started = time.time()
         execution_id = execution.execution_id
-        checkpoint = await self.store.checkpoint(execution_id)
-        if checkpoint is None:
-            payload = await self.store.input(execution_id)
-            if payload is None:
-                return await self._finished_or_dead(entry, execution)
-            checkpoint = Checkpoint(0, execution.attempt, msgspec.Raw(payload))
         attempt = max(execution.attempt, checkpoint.attempt)
         # One line per run of an execution: with the step lines it tells which step runs a
         # crash, a reclaim or a lost Redis connection made repeat.
@@ -127,7 +174,20 @@ class Executor:
         pending_save: asyncio.Task[None] | None = None
         for index in range(checkpoint.next_step, len(integration.steps)):
             step = integration.steps[index]
-            outcome = await self.spawner.run_step(_spec(step, payload_raw, execution_id, attempt))
+            outcome = None
+            if execution_id not in self._cancelled:
+                if first_run:
+                    first_run = False
+                    waited_s = time.time() - execution.submitted_at  # the client's clock
+                    self.metrics.queue_wait.observe(max(0.0, waited_s))
+                spec = _spec(step, payload_raw, execution_id, attempt)
+                outcome = await self._step(execution_id, spec)
+            if outcome is None:  # cancelled before or during this step
+                if pending_save is not None:
+                    await pending_save  # else it could write the checkpoint after the cleanup
+                return await self._cancelled_end(
+                    entry, execution, integration.name, step.name, reports, attempt, started
+                )
             reports.append(_report(step, outcome))
             error_type = outcome.error.type if outcome.error else None
             self.metrics.step_finished(step.runtime, error_type, outcome.duration_s)
@@ -151,11 +211,11 @@ class Executor:
                     again = msgspec.structs.replace(execution, attempt=attempt + 1)
                     await self.store.retry_later(entry, again, self.retry.delay_s(attempt))
                     self.metrics.retried.inc()
-                    return None
+                    return Ending(None, integration.name, step.name, error_type)
                 result = self._result(execution, "failed", NIL, reports, attempt, started)
                 result = msgspec.structs.replace(result, error=outcome.error, failed_step=step.name)
                 await self.store.complete(entry, result)
-                return "failed"
+                return Ending("failed", integration.name, step.name, error_type)
             payload_raw = outcome.output
             if index + 1 < len(integration.steps):
                 # Overlap the checkpoint write with the next step: losing it only means redoing
@@ -167,7 +227,53 @@ class Executor:
                 pending_save.add_done_callback(_retrieve)
         result = self._result(execution, "succeeded", payload_raw, reports, attempt, started)
         await self.store.complete(entry, result)
-        return "succeeded"
+        return Ending("succeeded", integration.name)
+
+    async def _step(self, execution_id: str, spec: StepSpec) -> StepOutcome | None:
+        """The step's outcome; None when an operator's cancel stopped it. The step runs as a
+        task of its own, so that a cancel kills the step alone and this execution goes on to
+        complete; a cancel of this task (a drain) reaches the step too, and is passed on."""
+        task = asyncio.create_task(self.spawner.run_step(spec))
+        self._steps[execution_id] = task
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            ours = current is not None and current.cancelling() > 0
+            if task.cancelled() and execution_id in self._cancelled and not ours:
+                return None
+            raise
+        finally:
+            self._steps.pop(execution_id, None)
+
+    async def _cancelled_end(
+        self,
+        entry: Entry,
+        execution: Execution,
+        integration: str,
+        step: str | None,
+        reports: list[StepReport],
+        attempt: int,
+        started: float | None,
+    ) -> Ending:
+        """Complete a cancelled execution: acked, its input and checkpoint deleted, never
+        retried. The result the cancel wrote stays; this one is written only if it is gone."""
+        now = time.time()
+        result = msgspec.structs.replace(
+            cancelled_result(execution.execution_id, self.worker_id),
+            failed_step=step,
+            steps=reports,
+            attempts=attempt,
+            duration_s=now - started if started is not None else 0.0,
+        )
+        log.info(
+            "execution %s cancelled by an operator%s",
+            execution.execution_id,
+            f" during step {step}" if step else " before it ran",
+            extra={"execution_id": execution.execution_id, "worker_id": self.worker_id},
+        )
+        await self.store.complete(entry, result)
+        return Ending("cancelled", integration, step, "cancelled")
 
     def _result(
         self,
@@ -191,23 +297,28 @@ class Executor:
             finished_at=now,
         )
 
-    async def _finished_or_dead(self, entry: Entry, execution: Execution) -> ExecutionStatus:
+    async def _finished_or_dead(
+        self, entry: Entry, execution: Execution, integration: str
+    ) -> Ending:
         """No checkpoint and no input: the execution has finished already (this entry is a
         duplicate, or our own completion went through but its reply was lost), or its input
         is gone."""
         finished = await self.store.result(execution.execution_id)
         if finished is not None:
             await self.store.complete(entry, finished)  # acks the entry; the result stays
-            return finished.status
-        await self._dead(entry, execution, "input payload not found")
-        return "dead"
+            error_type = finished.error.type if finished.error else None
+            return Ending(finished.status, integration, finished.failed_step, error_type)
+        return await self._dead(entry, execution, "input_missing", "input payload not found")
 
-    async def _dead(self, entry: Entry, execution: Execution | None, reason: str) -> None:
+    async def _dead(
+        self, entry: Entry, execution: Execution | None, kind: DeadReason, reason: str
+    ) -> Ending:
+        """Dead-letter an entry; `kind` is the metric's label, `reason` what the letter says."""
         extra = {"worker_id": self.worker_id}
         if execution is not None:
             extra["execution_id"] = execution.execution_id
         log.warning("dead-lettered entry %s: %s", entry.entry_id.decode(), reason, extra=extra)
-        self.metrics.dead_lettered.inc()
+        self.metrics.dead_lettered.labels(kind).inc()
         result = None
         if execution is not None:
             result = ExecutionResult(
@@ -219,6 +330,9 @@ class Executor:
                 finished_at=time.time(),
             )
         await self.store.dead_letter(entry, reason, result, self.dead_letter_max_len)
+        integration = self._integrations.get(execution.integration) if execution else None
+        name = integration.name if integration is not None else ""
+        return Ending("dead", name, None, "protocol" if execution else None, kind)
 
     def _belongs_to(self, execution: Execution, partition: int) -> bool:
         try:
@@ -226,18 +340,20 @@ class Executor:
         except ValueError:
             return False
 
-    async def _integration(self, partition: int, digest: str) -> Integration | str:
+    async def _integration(
+        self, partition: int, digest: str
+    ) -> Integration | tuple[DeadReason, str]:
         """The integration, or why it cannot be run."""
         cached = self._integrations.get(digest)
         if cached is None:
             try:
                 found = await self.store.integration(partition, digest)
             except msgspec.DecodeError as exc:
-                return f"integration definition undecodable: {exc}"
+                return "integration_invalid", f"integration definition undecodable: {exc}"
             if found is None:
-                return "integration definition not found"
+                return "integration_missing", "integration definition not found"
             if not found.steps:
-                return "integration definition has no steps"
+                return "integration_invalid", "integration definition has no steps"
             cached = found
             if len(self._integrations) < 1024:
                 self._integrations[digest] = cached

@@ -1,6 +1,7 @@
 """JSON-lines logging on stdout: one object per line, with level, logger, message, worker id and,
-when the record carries them, execution id and step. Customer output never goes through here
-unmarked: it is in the step results, not the daemon's log."""
+when the record carries them, execution id and step (and, at an execution's end, its
+integration, failed step, error type and dead-letter reason). Customer output never goes
+through here unmarked: it is in the step results, not the daemon's log."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import sys
 import time
 from typing import Any
 
-FIELDS = ("execution_id", "step", "worker_id")
+# The last four: on the end-of-execution line, what an SRE filters failures by.
+FIELDS = ("execution_id", "step", "worker_id", "integration", "failed_step", "error_type", "reason")
 
 
 class JsonFormatter(logging.Formatter):

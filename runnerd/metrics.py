@@ -8,7 +8,12 @@ an ECS target-tracking policy follows once it reaches CloudWatch (see README).
 
 from __future__ import annotations
 
+import platform
+from typing import Literal
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+import runnerd
 
 # 1 ms .. 5 min, roughly doubling: steps and executions span that whole range.
 DURATION_BUCKETS = (
@@ -31,17 +36,36 @@ DURATION_BUCKETS = (
     300.0,
 )
 SPAWN_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+# Waiting for a worker can take far longer than running: up to an hour.
+QUEUE_WAIT_BUCKETS = DURATION_BUCKETS + (600.0, 1800.0, 3600.0)  # 1 ms .. 1 h
+# Why entries are dead-lettered: a fixed set, so the label stays small whatever the reasons say.
+DeadReason = Literal[
+    "undecodable",
+    "wrong_partition",
+    "unknown_version",
+    "too_many_deliveries",
+    "integration_missing",
+    "integration_invalid",
+    "input_missing",
+]
+DEAD_REASONS: tuple[DeadReason, ...] = DeadReason.__args__  # type: ignore[attr-defined]
+FINAL_STATUSES = ("succeeded", "failed", "dead", "cancelled")
 KILL_REASONS = {"timeout": "timeout", "memory": "memory", "cpu": "cpu", "output_limit": "output"}
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, integration_label: bool = False) -> None:
+        """`integration_label` adds the integration's name as a label of the executions
+        finished and their duration (RUNNERD_METRICS_INTEGRATION_LABEL): off by default, since
+        customers name integrations and each name is a new series of every bucket."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.integration_label = integration_label
+        by_end = ["status", "integration"] if integration_label else ["status"]
         self.executions = Counter(
             "runnerd_executions_finished",
-            "Executions finished, by final status.",
-            ["status"],
+            "Executions finished, by final status (error: the worker failed, not the step).",
+            by_end,
             registry=r,
         )
         self.steps = Counter(
@@ -59,10 +83,30 @@ class Metrics:
         )
         self.execution_duration = Histogram(
             "runnerd_execution_duration_seconds",
-            "Time from taking an execution to its end.",
+            "Time from taking an execution to its end, by final status.",
+            by_end,
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.queue_wait = Histogram(
+            "runnerd_execution_queue_wait_seconds",
+            "Time from submit to the start of an execution's first step (once per execution).",
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.oldest_pending_age = Gauge(
+            "runnerd_oldest_pending_age_seconds",
+            "Age of the oldest entry on any work stream, waiting or running (0: none); a "
+            "retried or handed-back entry is a new entry.",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "runnerd_build_info",
+            "Always 1; the labels say what runs.",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(runnerd.__version__, platform.python_version()).set(1)
         self.spawn_duration = Histogram(
             "runnerd_sandbox_spawn_seconds",
             "Time to get a confined child ready for a step (near zero when one was warm).",
@@ -102,8 +146,13 @@ class Metrics:
             "runnerd_workers", "Workers of the consumer group seen active recently.", registry=r
         )
         self.dead_lettered = Counter(
-            "runnerd_dead_lettered", "Entries moved to the dead-letter stream.", registry=r
+            "runnerd_dead_lettered",
+            "Entries moved to the dead-letter stream, by reason.",
+            ["reason"],
+            registry=r,
         )
+        for reason in DEAD_REASONS:  # every series exists from the start, so rate() sees a 1
+            self.dead_lettered.labels(reason)
         self.retried = Counter(
             "runnerd_retried", "Executions parked for a retry after a failed step.", registry=r
         )
@@ -124,6 +173,16 @@ class Metrics:
         )
         self.last_saturation = 0.0
         self.last_backlog_per_worker = 0.0
+        if not integration_label:
+            for status in FINAL_STATUSES:
+                self.executions.labels(status)
+
+    def execution_ended(self, status: str, integration: str, duration_s: float | None) -> None:
+        """Count an execution's end (`integration` is used only when the label is on)."""
+        labels = [status, integration] if self.integration_label else [status]
+        self.executions.labels(*labels).inc()
+        if duration_s is not None:
+            self.execution_duration.labels(*labels).observe(duration_s)
 
     def step_finished(self, runtime: str, error_type: str | None, duration_s: float) -> None:
         self.steps.labels(runtime, error_type or "ok").inc()

@@ -35,6 +35,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     http_port: int = 8080
     http_host: str = "0.0.0.0"
     emf_interval_s: float = 0.0
+    metrics_integration_label: bool = False
     service_name: str = "runnerd-worker"
     sandbox_mode: SandboxMode = "best-effort"
     sandbox_require: tuple[str, ...] = ("uid_drop", "rlimits", "no_new_privs", "seccomp")
@@ -62,6 +63,8 @@ SETTINGS_HELP: dict[str, str] = {
     "http_port": "port of /healthz, /readyz and /metrics (0: no HTTP server)",
     "http_host": "address the HTTP server listens on",
     "emf_interval_s": "print the autoscaling signal as a CloudWatch EMF line this often (0: off)",
+    "metrics_integration_label": "label executions finished and their duration with the "
+    "integration's name (each name is new series: keep it off unless their number is small)",
     "service_name": "the Service dimension of the EMF metrics (the ECS service's name)",
     "sandbox_mode": "strict: refuse to run steps when a required layer is missing; "
     "best-effort: run with what the host allows and say so",

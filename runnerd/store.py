@@ -367,6 +367,41 @@ class Store:
         )
         return int(returned)
 
+    # --- cancels and the queue's age (issue 13) ---------------------------------------------
+
+    async def start_state(self, execution_id: str) -> tuple[Checkpoint | None, bytes | None, bool]:
+        """What taking an entry needs, in one round trip (the keys share the partition's slot):
+        the checkpoint (None when absent or unreadable), the input, whether it was cancelled.
+        The input is read even when a checkpoint exists: resuming is the rare case."""
+        raw: Any = await self.redis.mget(
+            [
+                self.keys.checkpoint(execution_id),
+                self.keys.input(execution_id),
+                self.keys.cancel(execution_id),
+            ]
+        )
+        try:
+            checkpoint = checkpoint_decoder.decode(raw[0]) if raw[0] is not None else None
+        except msgspec.DecodeError:
+            checkpoint = None  # a torn or foreign checkpoint: start from the input instead
+        payload = bytes(raw[1]) if raw[1] is not None else None
+        return checkpoint, payload, raw[2] is not None
+
+    async def cancelled(self, execution_ids: list[str]) -> list[str]:
+        """Those of `execution_ids` (all of one partition: one slot) an operator cancelled."""
+        if not execution_ids:
+            return []
+        marks: Any = await self.redis.mget([self.keys.cancel(i) for i in execution_ids])
+        return [i for i, mark in zip(execution_ids, marks, strict=True) if mark is not None]
+
+    async def oldest_entry_ms(self, partition: int) -> int | None:
+        """The ms timestamp of the oldest entry still on the work stream (waiting or running:
+        ended entries are deleted), from its id; None when the stream is empty."""
+        first: Any = await self.redis.xrange(self.keys.work(partition), count=1)
+        if not first:
+            return None
+        return int(_text(first[0][0]).partition("-")[0])
+
 
 def announcement(result: ExecutionResult, encoded: bytes) -> tuple[bytes, int]:
     """The completions-stream entry for a result just written, and the MINID that trims the
