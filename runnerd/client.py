@@ -1,37 +1,46 @@
-"""The public client: submit executions, wait for their results.
+"""The public client: submit executions, wait for their results, by the thousand.
 
     from runnerd.client import Client, Integration
     integration = Integration.load("examples/chain.json")
     async with Client.connect(redis_url) as client:
         execution_id = await client.submit(integration, input={"n": 1})
         result = await client.wait(execution_id, timeout=30)   # .status / .output / .steps
-        result = await client.run(integration, input={"n": 1}, timeout=30)
+        ids = await client.submit_many(integration, [{"n": n} for n in range(1000)])
+        results = await asyncio.gather(*(client.wait(i) for i in ids))
 
 A submit is one script on one partition: store the integration (once per content hash, sent
 only when this client has not stored it yet), the input payload under its own key, and a small
-entry on the work stream; an execution id submitted before is not enqueued again. Waiting
-blocks on a per-execution list that the worker's completion pushes to (BLPOP), so nothing
-polls.
+entry on the work stream; an execution id submitted before is not enqueued again, so a submit
+whose reply was lost is simply sent again. All commands go through one Batcher (a pipeline at a
+time, per master), and one CompletionReader follows the completions streams for every waiter:
+a client holds 2 connections on a single Redis, and masters + partitions on a cluster, however
+many callers submit and wait at once. Redis failures a retry can clear (a lost connection, a
+failover) are retried for `retry_s`; `wait`'s own timeout holds whatever happens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import random
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from runnerd import integration as integration_module
+from runnerd.batcher import Batcher
+from runnerd.completions import CompletionReader
+from runnerd.connection import RedisClient, open_redis
 from runnerd.errors import StoreError
 from runnerd.keys import Keys
 from runnerd.messages import (
+    Completion,
     Execution,
     ExecutionResult,
     ExecutionStatus,
@@ -40,12 +49,12 @@ from runnerd.messages import (
     encoder,
     result_decoder,
 )
-from runnerd.store import ENTRY_FIELD, RedisClient
+from runnerd.store import ENTRY_FIELD
 from sandbox import bounded
 from sandbox.bounded import DecodeLimitError
 from sandbox.protocol import StepError
 
-__all__ = ["Client", "Integration", "Result"]
+__all__ = ["Client", "Integration", "Result", "open_redis"]
 
 INTEGRATION_TTL_MS = 7 * 24 * 3600 * 1000
 INPUT_TTL_MS = 7 * 24 * 3600 * 1000
@@ -70,10 +79,13 @@ redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[5])
 redis.call('XADD', KEYS[4], '*', ARGV[6], ARGV[3])
 return 1
 """
-# A second waiter on one id may miss the wake-up, so it re-reads this often. It must also stay
-# well below the connection's socket timeout (5 s by default in redis-py), which would otherwise
-# cut a BLPOP of the same length short with a TimeoutError.
-WAIT_SLICE_S = 2.0
+_SUBMIT_SHA = hashlib.sha1(_SUBMIT.encode()).hexdigest()
+# A waiter reads its result key again after this long, then twice as long, ...: a safety net
+# for an announcement the reader could not see (trimmed while it was cut off), not the path.
+RECHECK_FIRST_S = 15.0
+RECHECK_MAX_S = 120.0
+RETRY_S = 60.0  # how long a command is retried through failures before the caller hears
+CONNECTIONS_MAX = 4  # single Redis: the pool's cap (the reader and the batcher use 2)
 
 
 @dataclass(frozen=True)
@@ -127,43 +139,48 @@ class Result:
         return self.status == "succeeded"
 
 
-async def open_redis(url: str) -> RedisClient:
-    """Connect and ping; a Redis Cluster is recognised and talked to as one."""
-    plain = aioredis.from_url(url)
-    try:
-        info = await plain.info("cluster")
-    except (OSError, aioredis.ConnectionError) as exc:
-        await plain.aclose()
-        raise StoreError(
-            f"cannot reach Redis at {url}: {exc}. Start one (apt-get install redis-server), "
-            "point REDIS_URL at yours, or use `runnerd serve --embedded-redis`."
-        ) from exc
-    if not info.get("cluster_enabled"):
-        return plain
-    await plain.aclose()
-    cluster = RedisCluster.from_url(url)
-    await cluster.initialize()
-    return cluster
-
-
 class Client:
-    def __init__(self, url: str, prefix: str = "runnerd", partitions: int = 1) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "runnerd",
+        partitions: int = 1,
+        *,
+        name: str | None = None,
+        retry_s: float = RETRY_S,
+    ) -> None:
         self.url = url
         self.keys = Keys(prefix, partitions)
+        self.name = name
+        self.retry_s = retry_s
         self._redis: RedisClient | None = None
-        self._stored: set[str] = set()  # integration digests this client has stored
+        self._batcher: Batcher | None = None
+        self._reader: CompletionReader | None = None
+        self._waiters: dict[str, list[asyncio.Future[Completion]]] = {}
+        # Integration digests this client has stored, or is storing (the first submit of a
+        # digest sends it; the others wait for that one and send none).
+        self._stored: dict[str, asyncio.Future[None]] = {}
         self._next_partition = itertools.cycle(
             random.sample(range(partitions), partitions)
         ).__next__
 
     @classmethod
-    def connect(cls, url: str, prefix: str = "runnerd", partitions: int = 1) -> Client:
-        """Use as `async with Client.connect(url) as client:`."""
-        return cls(url, prefix, partitions)
+    def connect(
+        cls,
+        url: str,
+        prefix: str = "runnerd",
+        partitions: int = 1,
+        *,
+        name: str | None = None,
+        retry_s: float = RETRY_S,
+    ) -> Client:
+        """Use as `async with Client.connect(url) as client:`. `name` is set on its
+        connections (CLIENT LIST shows them); `retry_s` bounds how long a command is retried
+        through Redis failures."""
+        return cls(url, prefix, partitions, name=name, retry_s=retry_s)
 
     async def __aenter__(self) -> Client:
-        self._redis = await open_redis(self.url)
-        self._submit = self._redis.register_script(_SUBMIT)
+        await self.open()
         return self
 
     async def __aexit__(
@@ -171,7 +188,26 @@ class Client:
     ) -> None:
         await self.close()
 
+    async def open(self) -> None:
+        # A cluster's limit is per node: one reader per partition on it, and the batcher's one.
+        most = CONNECTIONS_MAX + self.keys.partitions
+        redis = await open_redis(self.url, name=self.name, max_connections=most)
+        reader = CompletionReader(redis, self.keys, self._completed)
+        try:
+            await reader.start(clustered=isinstance(redis, RedisCluster))
+        except BaseException:
+            await redis.aclose()
+            raise
+        self._redis, self._reader = redis, reader
+        self._batcher = Batcher(redis, self.retry_s)
+
     async def close(self) -> None:
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        if self._batcher is not None:
+            await self._batcher.close()
+            self._batcher = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
@@ -182,10 +218,19 @@ class Client:
             raise StoreError("the client is not connected: use `async with Client.connect(...)`")
         return self._redis
 
+    @property
+    def batcher(self) -> Batcher:
+        if self._batcher is None:
+            raise StoreError("the client is not connected: use `async with Client.connect(...)`")
+        return self._batcher
+
+    # --- submitting ------------------------------------------------------------------------
+
     async def submit(
         self, integration: Integration, input: Any = None, *, execution_id: str | None = None
     ) -> str:
-        """Enqueue one execution; returns its id. Spread over the partitions round-robin."""
+        """Enqueue one execution; returns its id. Spread over the partitions round-robin. An
+        `execution_id` submitted before is not enqueued again: its id comes back as it is."""
         partition = self.keys.partition_of(execution_id) if execution_id else self._next_partition()
         execution_id = execution_id or self.keys.new_execution_id(partition)
         digest = integration_module.digest(integration)
@@ -197,32 +242,107 @@ class Client:
             self.keys.work(partition),
         ]
         entry, data = encoder.encode(execution), encoder.encode(input)
-        # The integration goes over the wire only when Redis does not have it already.
-        known = b"" if digest in self._stored else encoder.encode(integration)
         rest: list[int | bytes] = [INTEGRATION_TTL_MS, INPUT_TTL_MS, ENTRY_FIELD]
-        done = await self._submit(keys=keys, args=[known, data, entry, *rest])
-        if done == SUBMIT_INTEGRATION_MISSING:
-            await self._submit(keys=keys, args=[encoder.encode(integration), data, entry, *rest])
-        self._stored.add(digest)
+        storing = self._stored.get(digest)
+        if storing is None or storing.cancelled() or storing.exception() is not None:
+            # This call stores the integration; concurrent submits of it wait for this one.
+            storing = asyncio.get_running_loop().create_future()
+            self._stored[digest] = storing
+            try:
+                await self._run_submit(keys, [encoder.encode(integration), data, entry, *rest])
+            except BaseException as exc:
+                del self._stored[digest]
+                storing.set_exception(exc)
+                storing.exception()  # retrieved here: the next submit tries again
+                raise
+            storing.set_result(None)
+            return execution_id
+        await storing
+        # The integration goes over the wire only when Redis does not have it already.
+        done = await self._run_submit(keys, [b"", data, entry, *rest])
+        if done == SUBMIT_INTEGRATION_MISSING:  # expired since: send it after all
+            await self._run_submit(keys, [encoder.encode(integration), data, entry, *rest])
         return execution_id
+
+    async def submit_many(
+        self,
+        integration: Integration,
+        inputs: Iterable[Any],
+        *,
+        execution_ids: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Enqueue one execution per input, pipelined; their ids in input order. With
+        `execution_ids` (one per input), ids submitted before are not enqueued again."""
+        inputs = list(inputs)
+        if execution_ids is not None and len(execution_ids) != len(inputs):
+            raise ValueError(
+                f"{len(execution_ids)} execution ids for {len(inputs)} inputs: give one each"
+            )
+        ids: list[str | None] = list(execution_ids) if execution_ids else [None] * len(inputs)
+        if not inputs:
+            return []
+        first = await self.submit(integration, inputs[0], execution_id=ids[0])
+        rest = await asyncio.gather(
+            *(
+                self.submit(integration, data, execution_id=execution_id)
+                for data, execution_id in zip(inputs[1:], ids[1:], strict=True)
+            )
+        )
+        return [first, *rest]
+
+    async def _run_submit(self, keys: list[str], args: list[Any]) -> Any:
+        return await self.batcher.call(
+            "EVALSHA", _SUBMIT_SHA, len(keys), *keys, *args, source=_SUBMIT
+        )
+
+    # --- results ---------------------------------------------------------------------------
 
     async def result(self, execution_id: str) -> Result | None:
         """The execution's result, None while it has none; its output decoded within bounds
         (a result past them comes back failed: see Result.from_raw)."""
-        raw: Any = await self.redis.get(self.keys.result(execution_id))
+        raw: Any = await self.batcher.call("GET", self.keys.result(execution_id))
         return Result.from_raw(result_decoder.decode(raw)) if raw is not None else None
 
     async def wait(self, execution_id: str, timeout: float = 30.0) -> Result:
-        """The execution's result; TimeoutError if it has none after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = await self.result(execution_id)
-            if found is not None:
-                return found
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no result for {execution_id} after {timeout:g} s")
-            await asyncio.sleep(min(left, 0.02))  # interim: replaced by the completions reader
+        """The execution's result; TimeoutError if it has none after `timeout` seconds.
+        Returns at once for an execution that has finished already."""
+        self.keys.partition_of(execution_id)  # a foreign id fails here, not after the timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._wait(execution_id)
+        except TimeoutError:
+            raise TimeoutError(f"no result for {execution_id} after {timeout:g} s") from None
+
+    async def _wait(self, execution_id: str) -> Result:
+        announced: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+        waiting = self._waiters.setdefault(execution_id, [])
+        waiting.append(announced)  # before the read: a completion after it is announced to us
+        try:
+            recheck_s = RECHECK_FIRST_S
+            while True:
+                found = await self.result(execution_id)
+                if found is not None:
+                    return found
+                try:
+                    completion = await asyncio.wait_for(asyncio.shield(announced), recheck_s)
+                except TimeoutError:
+                    recheck_s = min(RECHECK_MAX_S, recheck_s * 2)
+                    continue
+                if completion.result:
+                    return Result.from_raw(result_decoder.decode(completion.result))
+                # Too big to be announced whole: read it (the loop's next GET).
+                announced = asyncio.get_running_loop().create_future()
+                waiting.append(announced)
+        finally:
+            waiting[:] = [f for f in waiting if f is not announced]
+            if not waiting and self._waiters.get(execution_id) is waiting:
+                del self._waiters[execution_id]
+
+    def _completed(self, completion: Completion) -> None:
+        """The reader saw an announcement: resolve whoever waits on that execution."""
+        for announced in self._waiters.pop(completion.execution_id, []):
+            if not announced.done():
+                announced.set_result(completion)
 
     async def run(
         self, integration: Integration, input: Any = None, timeout: float = 30.0
