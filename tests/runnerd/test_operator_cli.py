@@ -25,6 +25,8 @@ from tests.runnerd.conftest import (
     wait_for,
     write_integration,
 )
+from tests.runnerd.test_cluster import PARTITIONS, Cluster, spread_prefix
+from tests.runnerd.test_cluster import cluster as cluster  # the 3-master cluster fixture
 from tests.runnerd.test_commands import GOOD, STEPS, one_line, runnerd
 
 Run = subprocess.CompletedProcess[str]
@@ -493,3 +495,49 @@ def test_status_without_redis_is_one_line(cli: Any) -> None:
 
     assert done.returncode == 1
     assert "cannot reach Redis at redis://127.0.0.1:1/0" in one_line(done.stderr)
+
+
+# --- on Redis Cluster ------------------------------------------------------------------------
+
+
+def test_the_operator_commands_on_a_three_master_cluster(
+    cluster: Cluster, serve: ServeFactory, integration: Path, tmp_path: Path
+) -> None:
+    """Partitions on every master: status reads each partition's keys with its own commands,
+    dead letters are found and purged on all of them, and a cancel lands on its slot."""
+    prefix, _ = spread_prefix(cluster)
+    env = {"REDIS_URL": cluster.url, "RUNNERD_KEY_PREFIX": prefix}
+    env["RUNNERD_PARTITIONS"] = str(PARTITIONS)
+    inputs = lines_file(tmp_path / "inputs.jsonl", *(json.dumps({"n": n}) for n in range(12)))
+    execution_ids = runnerd("submit", str(integration), "--input", inputs, **env).stdout.split()
+    assert len({execution_id.split("-")[0] for execution_id in execution_ids}) > 1
+
+    state = json.loads(runnerd("status", "--json", **env).stdout)
+    assert state["totals"]["backlog"] == 12
+    assert sum(p["backlog"] for p in state["partitions"]) == 12
+    cancelled = runnerd("cancel", execution_ids[0], **env)
+    assert cancelled.returncode == 0, cancelled.stderr
+
+    client = redis.RedisCluster.from_url(cluster.url)
+    try:
+        cluster_keys = Keys(prefix, PARTITIONS)
+        for partition in range(PARTITIONS):
+            client.xadd(cluster_keys.work(partition), {b"e": b"\xc1"})
+        serve(redis_url=cluster.url, key_prefix=prefix, partitions=PARTITIONS)
+        done = runnerd(
+            "submit", str(integration), "--input", inputs, "--wait", "--timeout", "60", **env
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(runnerd("result", execution_ids[0], **env).stdout)["status"] == (
+            "cancelled"
+        )
+        listed = json.loads(runnerd("dead-letters", "list", "--json", **env).stdout)
+        assert listed["total"] == PARTITIONS
+        assert {letter["partition"] for letter in listed["dead_letters"]} == set(range(PARTITIONS))
+        shown = runnerd("dead-letters", "show", listed["dead_letters"][0]["id"], **env)
+        assert shown.returncode == 0, shown.stderr
+        purged = runnerd("dead-letters", "purge", "--yes", **env)
+        assert purged.stdout.strip() == f"deleted {PARTITIONS} dead letter(s)"
+        assert all(client.xlen(cluster_keys.dead(p)) == 0 for p in range(PARTITIONS))
+    finally:
+        client.close()
