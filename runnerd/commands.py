@@ -13,16 +13,14 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgspec
-from redis.exceptions import ResponseError
 
 from runnerd import log, queue_state
 from runnerd.client import Client, Result
 from runnerd.daemon import Worker
 from runnerd.embedded import EmbeddedRedis
-from runnerd.errors import ConfigError, SandboxUnavailable, UsageError
+from runnerd.errors import SandboxUnavailable, UsageError
 from runnerd.messages import Integration
 from runnerd.outcomes import (
     EXIT_FAILED,
@@ -38,7 +36,6 @@ from runnerd.outcomes import (
 from runnerd.settings import Settings
 
 DEMO = Path(__file__).resolve().parent / "demo" / "integration.json"
-REDIS_SCHEMES = ("redis", "rediss", "unix")  # what redis-py's from_url reads
 
 
 @contextlib.asynccontextmanager
@@ -65,8 +62,7 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
         if args.embedded_redis:
             hint = f"submit with: REDIS_URL={url} runnerd submit ..."
             print(f"runnerd: embedded Redis at {url} — {hint}", file=sys.stderr)
-        async with redis_errors_explained(url):
-            worker = await start_worker(settings, url)
+        worker = await start_worker(settings, url)
         try:
             await worker.serve()
         finally:
@@ -113,9 +109,8 @@ async def submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def submit_inputs(client: Client, integration: Integration, inputs: list[Any]) -> list[str]:
-    """One execution per input; their ids in input order. A loop of submits until the
-    client's pipelined submit_many lands."""
-    return [await client.submit(integration, data) for data in inputs]
+    """One execution per input, pipelined; their ids in input order."""
+    return await client.submit_many(integration, inputs)
 
 
 async def result(args: argparse.Namespace, settings: Settings) -> int:
@@ -141,33 +136,12 @@ async def result(args: argparse.Namespace, settings: Settings) -> int:
 
 @contextlib.asynccontextmanager
 async def connected_client(settings: Settings) -> AsyncIterator[Client]:
-    url = settings.redis_url
-    client = Client.connect(url, settings.key_prefix, settings.partitions)
-    async with redis_errors_explained(url), client:
+    """A REDIS_URL that cannot work (no scheme, a database the server does not have) is one
+    line naming it: connection.open_redis says so."""
+    async with Client.connect(
+        settings.redis_url, settings.key_prefix, settings.partitions
+    ) as client:
         yield client
-
-
-@contextlib.asynccontextmanager
-async def redis_errors_explained(url: str) -> AsyncIterator[None]:
-    """A REDIS_URL that cannot work, in one line naming it, before or at the first command:
-    no scheme redis-py reads (it would fail later, less clearly), or a database the server
-    does not have (Redis says so only when the first command arrives)."""
-    scheme = urlsplit(url).scheme
-    if scheme not in REDIS_SCHEMES:
-        accepted = ", ".join(f"{name}://" for name in REDIS_SCHEMES)
-        raise ConfigError(
-            f"REDIS_URL {url!r} has no valid scheme (one of {accepted}), "
-            "e.g. redis://127.0.0.1:6379/0"
-        )
-    try:
-        yield
-    except ResponseError as exc:
-        if "DB index is out of range" not in str(exc):
-            raise
-        raise ConfigError(
-            f"REDIS_URL {url!r} names a database this Redis does not have ({exc}); "
-            "use /0, or one below the server's `databases` setting"
-        ) from None
 
 
 async def _print_result(

@@ -21,8 +21,9 @@ from redis.exceptions import RedisError
 
 from runnerd import cancel as cancel_module
 from runnerd import dead_letters, queue_state
-from runnerd.client import Result, open_redis
-from runnerd.commands import json_line, redis_errors_explained, result_json
+from runnerd.client import Result
+from runnerd.commands import json_line, result_json
+from runnerd.connection import open_redis
 from runnerd.errors import StoreError, UsageError
 from runnerd.keys import Keys
 from runnerd.messages import result_decoder
@@ -37,8 +38,7 @@ REASON_SHOWN = 100  # characters of a reason in `list`; `show` prints it whole
 async def connected(settings: Settings) -> AsyncIterator[tuple[RedisClient, Keys]]:
     """Redis and the deployment's keys; a Redis failure on the way is one line, not a trace."""
     url = settings.redis_url
-    async with redis_errors_explained(url):
-        redis = await open_redis(url)
+    redis = await open_redis(url)  # a REDIS_URL that cannot work is a ConfigError here
     try:
         yield redis, Keys(settings.key_prefix, settings.partitions)
     except (RedisError, OSError) as exc:
