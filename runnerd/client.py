@@ -244,7 +244,7 @@ class Client:
         entry, data = encoder.encode(execution), encoder.encode(input)
         rest: list[int | bytes] = [INTEGRATION_TTL_MS, INPUT_TTL_MS, ENTRY_FIELD]
         storing = self._stored.get(digest)
-        if storing is None or storing.cancelled() or storing.exception() is not None:
+        if storing is None:  # (a failed store removes its future: the next one tries again)
             # This call stores the integration; concurrent submits of it wait for this one.
             storing = asyncio.get_running_loop().create_future()
             self._stored[digest] = storing

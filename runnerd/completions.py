@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from runnerd.connection import RedisClient
@@ -71,9 +72,7 @@ class CompletionReader:
         failures = 0
         while not self._closing:
             try:
-                reply: Any = await self.redis.xread(
-                    {s: self.last_ids[s] for s in streams}, count=READ_COUNT, block=READ_BLOCK_MS
-                )
+                reply: Any = await self._read(streams)
                 failures = 0
             except (RedisError, OSError) as exc:
                 failures += 1
@@ -92,6 +91,27 @@ class CompletionReader:
                     self._announce(fields)
                 if entries:
                     self.last_ids[stream] = entries[-1][0]
+
+    async def _read(self, streams: list[bytes]) -> Any:
+        if not isinstance(self.redis, RedisCluster):
+            last: dict[Any, Any] = {s: self.last_ids[s] for s in streams}
+            return await self.redis.xread(last, count=READ_COUNT, block=READ_BLOCK_MS)
+        # Named node: redis-py would otherwise ask a server for XREAD's keys (COMMAND GETKEYS,
+        # its keys are "movable") before every read. After a failover the first read here
+        # fails with MOVED, which also updates the slot map the next read is routed by.
+        (stream,) = streams
+        node = self.redis.get_node_from_key(stream.decode())
+        return await self.redis.execute_command(
+            "XREAD",
+            "COUNT",
+            READ_COUNT,
+            "BLOCK",
+            READ_BLOCK_MS,
+            "STREAMS",
+            stream,
+            self.last_ids[stream],
+            target_nodes=node,
+        )
 
     def _announce(self, fields: dict[bytes, bytes]) -> None:
         try:

@@ -54,7 +54,7 @@ async def open_redis(
     try:
         info = await plain.info("cluster")
     except ResponseError as exc:
-        await plain.aclose()
+        await plain.aclose(close_connection_pool=True)
         if "DB index is out of range" in str(exc):
             raise ConfigError(
                 f"REDIS_URL {url!r} names a database this Redis does not have ({exc}); "
@@ -62,14 +62,14 @@ async def open_redis(
             ) from None
         raise StoreError(f"Redis at {url} refused the first command: {exc}") from None
     except (OSError, RedisError) as exc:
-        await plain.aclose()
+        await plain.aclose(close_connection_pool=True)
         raise StoreError(
             f"cannot reach Redis at {url}: {exc}. Start one (apt-get install redis-server), "
             "point REDIS_URL at yours, or use `runnerd serve --embedded-redis`."
         ) from None
     if not info.get("cluster_enabled"):
         return plain
-    await plain.aclose()
+    await plain.aclose(close_connection_pool=True)
     cluster_options = {**options, "max_connections": max_connections or 100}
     cluster = RedisCluster.from_url(url, **cluster_options)
     try:

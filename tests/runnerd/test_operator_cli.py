@@ -16,6 +16,8 @@ import redis
 
 from runnerd import __version__
 from runnerd.keys import Keys
+from tests.runnerd.clusters import Cluster, spread_prefix
+from tests.runnerd.clusters import cluster as cluster  # the 3-master cluster fixture
 from tests.runnerd.conftest import (
     COUNTING_STEP,
     SHARED_REDIS_URL,
@@ -25,8 +27,7 @@ from tests.runnerd.conftest import (
     wait_for,
     write_integration,
 )
-from tests.runnerd.test_cluster import PARTITIONS, Cluster, spread_prefix
-from tests.runnerd.test_cluster import cluster as cluster  # the 3-master cluster fixture
+from tests.runnerd.test_cluster import PARTITIONS
 from tests.runnerd.test_commands import GOOD, STEPS, one_line, runnerd
 
 Run = subprocess.CompletedProcess[str]
@@ -505,7 +506,7 @@ def test_the_operator_commands_on_a_three_master_cluster(
 ) -> None:
     """Partitions on every master: status reads each partition's keys with its own commands,
     dead letters are found and purged on all of them, and a cancel lands on its slot."""
-    prefix, _ = spread_prefix(cluster)
+    prefix = spread_prefix(cluster, PARTITIONS)
     env = {"REDIS_URL": cluster.url, "RUNNERD_KEY_PREFIX": prefix}
     env["RUNNERD_PARTITIONS"] = str(PARTITIONS)
     inputs = lines_file(tmp_path / "inputs.jsonl", *(json.dumps({"n": n}) for n in range(12)))
