@@ -62,7 +62,7 @@ WORKER = (
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "run-step": (*SANDBOX, *NODE),
     "doctor": (*SANDBOX, *NODE),
-    "serve": ("redis_url", *WORKER, "http_port", "http_host"),
+    "serve": ("redis_url", *WORKER, "http_port", "http_host", "metrics_integration_label"),
     "submit": CLIENT,
     "result": (*CLIENT, "result_ttl_s"),
     "status": CLIENT,

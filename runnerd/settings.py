@@ -114,6 +114,8 @@ def _explain(exc: msgspec.ValidationError, sources: dict[str, str]) -> str:
     message = str(exc)
     for field, source in sources.items():
         if f"`$.{field}`" in message:
+            if message.startswith("Expected `bool`"):
+                return f"{source}: expected true or false (or 1 or 0)"
             return f"{source}: {message.split(' - at ')[0]}"
     return message
 

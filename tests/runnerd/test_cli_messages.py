@@ -142,3 +142,11 @@ def test_version() -> None:
 
     assert done.returncode == 0
     assert done.stdout.strip() == f"runnerd {__version__}"
+
+
+def test_a_bad_boolean_variable_says_what_it_takes() -> None:
+    done = runnerd("doctor", RUNNERD_NODE_FORK="maybe")
+
+    assert done.returncode == 2
+    assert one_line(done.stderr) == "runnerd: RUNNERD_NODE_FORK: expected true or false (or 1 or 0)"
+    assert "Traceback" not in done.stderr
