@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from runnerd.connection import RedisClient
 from runnerd.errors import StoreError
@@ -81,8 +81,8 @@ class Batcher:
                         _fail(call, exc if isinstance(exc, Exception) else StoreError("closed"))
                     raise
                 if retry:
+                    self._queued[:0] = retry  # first, so that a close() meanwhile fails them
                     await self._back_off(retry)
-                    self._queued[:0] = retry
         finally:
             self._flusher = None
             if self._queued and not self._closed:  # queued as this task ended: go on
@@ -99,7 +99,7 @@ class Batcher:
         self.round_trips += 1
         try:
             replies: Sequence[Any] = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:  # the whole round trip failed
+        except (RedisError, RedisClusterException, OSError) as exc:  # the whole round trip
             if not is_transient(exc):
                 for call in batch:
                     _fail(call, exc)

@@ -26,14 +26,16 @@ CancelOutcome = Literal["cancelled", "finished", "unknown"]
 CANCELLED_MESSAGE = "cancelled by an operator"
 
 # KEYS: result, submitted, checkpoint, input, cancel marker, completions stream.
-# ARGV: ttl ms, the cancelled result, its completion entry, the stream's MINID.
+# ARGV: ttl ms, the cancelled result, its completion entry, the ms of entries the stream keeps.
 _REQUEST_CANCEL = """
 local existing = redis.call('GET', KEYS[1])
 if existing then return {'finished', existing} end
 if redis.call('EXISTS', KEYS[2], KEYS[3], KEYS[4]) == 0 then return {'unknown', ''} end
 redis.call('SET', KEYS[5], '1', 'PX', ARGV[1])
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
-redis.call('XADD', KEYS[6], 'MINID', '~', ARGV[4], '*', 'c', ARGV[3])
+local announced = redis.call('XADD', KEYS[6], '*', 'c', ARGV[3])
+local oldest = tonumber(string.match(announced, '^%d+')) - tonumber(ARGV[4])
+redis.call('XTRIM', KEYS[6], 'MINID', '~', string.format('%d', oldest))
 -- As a completion does: the id is not enqueued again while its result is kept.
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return {'cancelled', ARGV[2]}

@@ -21,6 +21,7 @@ failover) are retried for `retry_s`; `wait`'s own timeout holds whatever happens
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import random
@@ -157,9 +158,10 @@ class Client:
         self._batcher: Batcher | None = None
         self._reader: CompletionReader | None = None
         self._waiters: dict[str, list[asyncio.Future[Completion]]] = {}
-        # Integration digests this client has stored, or is storing (the first submit of a
-        # digest sends it; the others wait for that one and send none).
-        self._stored: dict[str, asyncio.Future[None]] = {}
+        # (partition, digest) of the integrations this client has stored or is storing:
+        # True once stored, False if the submit that was storing it failed.
+        self._stored: dict[tuple[int, str], asyncio.Future[bool]] = {}
+        self._last_integration: tuple[Integration, str, bytes] | None = None
         self._next_partition = itertools.cycle(
             random.sample(range(partitions), partitions)
         ).__next__
@@ -202,6 +204,12 @@ class Client:
         self._batcher = Batcher(redis, self.retry_s)
 
     async def close(self) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for futures in waiters.values():
+            for announced in futures:
+                if not announced.done():
+                    announced.set_exception(StoreError("the client was closed"))
+                    announced.exception()  # retrieved: a waiter mid-GET may never look
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
@@ -233,7 +241,7 @@ class Client:
         `execution_id` submitted before is not enqueued again: its id comes back as it is."""
         partition = self.keys.partition_of(execution_id) if execution_id else self._next_partition()
         execution_id = execution_id or self.keys.new_execution_id(partition)
-        digest = integration_module.digest(integration)
+        digest, definition = self._encoded(integration)
         execution = Execution(execution_id, digest, time.time())
         keys = [
             self.keys.submitted(execution_id),
@@ -243,26 +251,41 @@ class Client:
         ]
         entry, data = encoder.encode(execution), encoder.encode(input)
         rest: list[int | bytes] = [INTEGRATION_TTL_MS, INPUT_TTL_MS, ENTRY_FIELD]
-        storing = self._stored.get(digest)
-        if storing is None:  # (a failed store removes its future: the next one tries again)
-            # This call stores the integration; concurrent submits of it wait for this one.
-            storing = asyncio.get_running_loop().create_future()
-            self._stored[digest] = storing
-            try:
-                await self._run_submit(keys, [encoder.encode(integration), data, entry, *rest])
-            except BaseException as exc:
-                del self._stored[digest]
-                storing.set_exception(exc)
-                storing.exception()  # retrieved here: the next submit tries again
-                raise
-            storing.set_result(None)
+        # Integrations are stored per partition (one hash tag each): the first submit of a
+        # digest to a partition sends it, concurrent ones wait for that one and send none.
+        where = (partition, digest)
+        storing = self._stored.get(where)
+        if storing is not None and await asyncio.shield(storing):
+            done = await self._run_submit(keys, [b"", data, entry, *rest])
+            if done != SUBMIT_INTEGRATION_MISSING:
+                return execution_id
+            # Expired since (or evicted): send it after all.
+            await self._run_submit(keys, [definition, data, entry, *rest])
             return execution_id
-        await storing
-        # The integration goes over the wire only when Redis does not have it already.
-        done = await self._run_submit(keys, [b"", data, entry, *rest])
-        if done == SUBMIT_INTEGRATION_MISSING:  # expired since: send it after all
-            await self._run_submit(keys, [encoder.encode(integration), data, entry, *rest])
+        storing = asyncio.get_running_loop().create_future()
+        self._stored[where] = storing
+        stored = False
+        try:
+            await self._run_submit(keys, [definition, data, entry, *rest])
+            stored = True
+        finally:
+            # Whatever happened here (a failure, this caller's cancel), the waiting submits go
+            # on: if it was not stored, each sends the integration itself.
+            storing.set_result(stored)
+            if not stored and self._stored.get(where) is storing:
+                del self._stored[where]
         return execution_id
+
+    def _encoded(self, integration: Integration) -> tuple[str, bytes]:
+        """The integration's digest and encoding; computed once for the same object in a row
+        (submit_many, a loop of submits), since both cost a full encode."""
+        last = self._last_integration
+        if last is not None and last[0] is integration:
+            return last[1], last[2]
+        digest = integration_module.digest(integration)
+        definition = encoder.encode(integration)
+        self._last_integration = (integration, digest, definition)
+        return digest, definition
 
     async def submit_many(
         self,
@@ -308,35 +331,47 @@ class Client:
         Returns at once for an execution that has finished already."""
         self.keys.partition_of(execution_id)  # a foreign id fails here, not after the timeout
         try:
-            async with asyncio.timeout(timeout):
-                return await self._wait(execution_id)
+            async with asyncio.timeout(timeout) as deadline:
+                return await self._wait(execution_id, deadline.when() or 0.0)
         except TimeoutError:
             raise TimeoutError(f"no result for {execution_id} after {timeout:g} s") from None
 
-    async def _wait(self, execution_id: str) -> Result:
-        announced: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
-        waiting = self._waiters.setdefault(execution_id, [])
-        waiting.append(announced)  # before the read: a completion after it is announced to us
-        try:
-            recheck_s = RECHECK_FIRST_S
-            while True:
+    async def _wait(self, execution_id: str, deadline: float) -> Result:
+        loop = asyncio.get_running_loop()
+        recheck_at = loop.time() + RECHECK_FIRST_S
+        recheck_s = RECHECK_FIRST_S
+        while True:
+            announced: asyncio.Future[Completion] = loop.create_future()
+            # Registered before the read: a completion after the read is announced to us.
+            self._waiters.setdefault(execution_id, []).append(announced)
+            try:
                 found = await self.result(execution_id)
                 if found is not None:
                     return found
-                try:
-                    completion = await asyncio.wait_for(asyncio.shield(announced), recheck_s)
-                except TimeoutError:
+                if deadline <= recheck_at:
+                    await announced  # the timeout comes first: no recheck timer needed
+                else:  # asyncio.wait leaves the future alone when its time is up
+                    await asyncio.wait((announced,), timeout=max(0.0, recheck_at - loop.time()))
+                if not announced.done():
                     recheck_s = min(RECHECK_MAX_S, recheck_s * 2)
-                    continue
+                    recheck_at = loop.time() + recheck_s
+                    continue  # read the key again: the announcement may have been missed
+                completion = announced.result()
                 if completion.result:
-                    return Result.from_raw(result_decoder.decode(completion.result))
-                # Too big to be announced whole: read it (the loop's next GET).
-                announced = asyncio.get_running_loop().create_future()
-                waiting.append(announced)
-        finally:
-            waiting[:] = [f for f in waiting if f is not announced]
-            if not waiting and self._waiters.get(execution_id) is waiting:
-                del self._waiters[execution_id]
+                    with contextlib.suppress(msgspec.DecodeError):
+                        return Result.from_raw(result_decoder.decode(completion.result))
+                # Too big to be announced whole (or unreadable): the loop's next GET reads it.
+            finally:
+                self._forget(execution_id, announced)
+
+    def _forget(self, execution_id: str, announced: asyncio.Future[Completion]) -> None:
+        waiting = self._waiters.get(execution_id)
+        if waiting is None:
+            return
+        with contextlib.suppress(ValueError):
+            waiting.remove(announced)
+        if not waiting:
+            del self._waiters[execution_id]
 
     def _completed(self, completion: Completion) -> None:
         """The reader saw an announcement: resolve whoever waits on that execution."""

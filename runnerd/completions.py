@@ -23,7 +23,6 @@ from typing import Any
 
 import msgspec
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from runnerd.connection import RedisClient
 from runnerd.keys import Keys
@@ -74,7 +73,7 @@ class CompletionReader:
             try:
                 reply: Any = await self._read(streams)
                 failures = 0
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever it was, the reader must go on
                 failures += 1
                 self.failures += 1
                 if failures == 1:

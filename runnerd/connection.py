@@ -48,7 +48,7 @@ async def open_redis(
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=None, **options
         )
-        plain = aioredis.Redis(connection_pool=pool)
+        plain = aioredis.Redis.from_pool(pool)  # its aclose() closes the pool too
     else:
         plain = aioredis.from_url(url, **options)
     try:

@@ -215,8 +215,8 @@ def _replayed(done: dead_letters.Replay, letter: dead_letters.DeadLetter) -> str
     why = {
         "undecodable": f"nothing to run: {letter.undecodable}",
         "no_input": (
-            f"the input payload of execution {done.execution_id} is gone (expired, or "
-            "deleted when it was dead-lettered): submit it again instead"
+            f"the input payload of execution {done.execution_id} is gone (a dead letter's "
+            "input is kept as long as results, RUNNERD_RESULT_TTL_S): submit it again instead"
         ),
         "no_integration": (
             f"its integration {letter.execution.integration if letter.execution else '?'} is "

@@ -11,6 +11,7 @@ from redis.exceptions import (
     NoScriptError,
     ReadOnlyError,
     ResponseError,
+    SlotNotCoveredError,
     TimeoutError,
     TryAgainError,
 )
@@ -23,6 +24,7 @@ TRANSIENT_TYPES = (
     TryAgainError,
     MasterDownError,
     ReadOnlyError,  # a write that reached a master just demoted to replica
+    SlotNotCoveredError,  # a hole in the cluster's slot map while a failover settles
     OSError,
 )
 # What a server in a failover answers in plain text; redis-py does not map all of these.

@@ -39,11 +39,14 @@ COMPLETION_RESULT_MAX = 2048  # a result up to this size rides in its completion
 
 # A result is announced on the partition's completions stream in the script that writes it, so
 # a waiter that saw neither the entry nor the key can only have looked before both existed.
-# The stream keeps COMPLETIONS_KEEP_MS of entries (MINID ~: trimmed whole macro-nodes at once).
+# The stream keeps COMPLETIONS_KEEP_MS of entries, by its own ids (Redis's clock, not the
+# worker's: a worker clock running ahead would trim announcements as they are written).
 _COMPLETE = """
 local written = redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4], 'NX')
 if written then
-  redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[6], '*', 'c', ARGV[5])
+  local announced = redis.call('XADD', KEYS[2], '*', 'c', ARGV[5])
+  local oldest = tonumber(string.match(announced, '^%d+')) - tonumber(ARGV[6])
+  redis.call('XTRIM', KEYS[2], 'MINID', '~', string.format('%d', oldest))
 end
 redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[3], ARGV[2])
@@ -78,9 +81,14 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 if #KEYS > 2 then
   if redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7], 'NX') then
-    redis.call('XADD', KEYS[4], 'MINID', '~', ARGV[9], '*', 'c', ARGV[8])
+    local announced = redis.call('XADD', KEYS[4], '*', 'c', ARGV[8])
+    local oldest = tonumber(string.match(announced, '^%d+')) - tonumber(ARGV[9])
+    redis.call('XTRIM', KEYS[4], 'MINID', '~', string.format('%d', oldest))
   end
-  redis.call('DEL', KEYS[5], KEYS[6])
+  -- The input stays as long as the result, so that `runnerd dead-letters replay` can run it
+  -- again once its cause is fixed; the checkpoint goes (a replay starts from the input).
+  redis.call('DEL', KEYS[5])
+  redis.call('PEXPIRE', KEYS[6], ARGV[7])
 end
 return 1
 """
@@ -404,11 +412,11 @@ class Store:
 
 
 def announcement(result: ExecutionResult, encoded: bytes) -> tuple[bytes, int]:
-    """The completions-stream entry for a result just written, and the MINID that trims the
-    stream to COMPLETIONS_KEEP_MS: the two last arguments of every script that writes one."""
+    """The completions-stream entry for a result just written, and how many ms of entries the
+    stream keeps: the two last arguments of every script that writes one."""
     small = encoded if len(encoded) <= COMPLETION_RESULT_MAX else b""
     completion = Completion(result.execution_id, result.status, small)
-    return encoder.encode(completion), int(time.time() * 1000) - COMPLETIONS_KEEP_MS
+    return encoder.encode(completion), COMPLETIONS_KEEP_MS
 
 
 def _text(value: Any) -> str:

@@ -215,20 +215,24 @@ def test_dead_letters_list_show_then_replay_after_the_cause_is_fixed(
     assert f"execution: {execution_id}, attempt 1" in text
     assert "result: dead" in text
 
-    # The cause is fixed: the integration is stored again (any submit of it does that).
-    assert cli("submit", str(integration), "--input", '{"n": 2}', "--wait").returncode == 0
-    # A worker deletes a dead-lettered execution's input (store.py's _DEAD_LETTER), so nothing
-    # is left to run: the replay is refused and changes nothing.
+    # Not yet fixed: the integration is still gone, so a replay would only die again.
     refused = cli("dead-letters", "replay", letter["id"])
     assert refused.returncode == 1
-    assert refused.stdout.strip() == (
-        f"not replayed {letter['id']}: the input payload of execution {execution_id} is gone "
-        "(expired, or deleted when it was dead-lettered): submit it again instead"
-    )
+    assert refused.stdout.strip().startswith(f"not replayed {letter['id']}: its integration ")
     assert json.loads(cli("dead-letters", "list", "--json").stdout)["total"] == 1
+    # The worker kept the input with the dead letter, for as long as a result is kept; once
+    # it has expired, nothing is left to run.
+    input_key = keys(prefix).input(execution_id)
+    assert shared_redis.pttl(input_key) > 0
+    kept = shared_redis.get(input_key)
+    shared_redis.delete(input_key)
+    expired = cli("dead-letters", "replay", letter["id"])
+    assert expired.returncode == 1
+    assert "the input payload of execution" in expired.stdout and "is gone" in expired.stdout
+    shared_redis.set(input_key, kept, px=60_000)
 
-    # With its input kept (as a dead-lettering that kept it would), the replay runs it again.
-    shared_redis.set(keys(prefix).input(execution_id), msgspec.msgpack.encode({"n": 1}))
+    # The cause is fixed: the integration is stored again (any submit of it does that).
+    assert cli("submit", str(integration), "--input", '{"n": 2}', "--wait").returncode == 0
     replayed = cli("dead-letters", "replay", letter["id"])
     assert replayed.returncode == 0, replayed.stderr
     line = one_line(replayed.stdout)

@@ -49,7 +49,7 @@ def test_an_integration_is_sent_once_and_again_when_redis_lost_it(
     async def submit_and_wait() -> list[object]:
         async with Client.connect(SHARED_REDIS_URL, prefix) as client:
             outputs = [(await client.run(INTEGRATION, "one", timeout=30)).output]
-            (digest,) = client._stored
+            ((_, digest),) = client._stored  # (partition, digest)
             key = keys.integration(0, digest)
             stored = shared_redis.get(key)
             shared_redis.delete(key)  # evicted, or a FLUSHDB
