@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from bench import chain, compare, js, openloop, payload, scale, spawn, throughput
+from bench import chain, compare, js, openloop, payload, scale, spawn, throughput, waits
 
 # name -> module with add_arguments(parser) and run(args, command) -> int
 SCENARIOS: dict[str, ModuleType] = {
@@ -20,6 +20,7 @@ SCENARIOS: dict[str, ModuleType] = {
     "payload": payload,
     "open-loop": openloop,
     "compare": compare,
+    "waits": waits,
 }
 
 

@@ -59,7 +59,9 @@ __all__ = ["Client", "Integration", "Result", "open_redis"]
 
 INTEGRATION_TTL_MS = 7 * 24 * 3600 * 1000
 INPUT_TTL_MS = 7 * 24 * 3600 * 1000
+SUBMIT_ENQUEUED = 1
 SUBMIT_INTEGRATION_MISSING = -1
+FRESH_MAX = 200_000  # announcements kept for this client's own executions until awaited
 
 # One submit, atomic and idempotent. KEYS: the execution's submitted marker, the integration
 # (by digest), the input, the work stream (one partition: one hash tag). ARGV: the integration
@@ -162,6 +164,9 @@ class Client:
         # True once stored, False if the submit that was storing it failed.
         self._stored: dict[tuple[int, str], asyncio.Future[bool]] = {}
         self._last_integration: tuple[Integration, str, bytes] | None = None
+        # Executions this client enqueued and nobody awaited yet, with their announcement
+        # once it came (see _expect).
+        self._fresh: dict[str, Completion | None] = {}
         self._next_partition = itertools.cycle(
             random.sample(range(partitions), partitions)
         ).__next__
@@ -250,23 +255,38 @@ class Client:
             self.keys.work(partition),
         ]
         entry, data = encoder.encode(execution), encoder.encode(input)
-        rest: list[int | bytes] = [INTEGRATION_TTL_MS, INPUT_TTL_MS, ENTRY_FIELD]
-        # Integrations are stored per partition (one hash tag each): the first submit of a
-        # digest to a partition sends it, concurrent ones wait for that one and send none.
-        where = (partition, digest)
+        args: list[Any] = [data, entry, INTEGRATION_TTL_MS, INPUT_TTL_MS, ENTRY_FIELD]
+        # Expected before it is sent: its announcement may come before the reply does.
+        self._expect(execution_id)
+        try:
+            enqueued = await self._enqueue((partition, digest), keys, definition, args)
+        except BaseException:
+            self._fresh.pop(execution_id, None)
+            raise
+        if enqueued != SUBMIT_ENQUEUED:  # submitted before: its result may exist already
+            self._fresh.pop(execution_id, None)
+        return execution_id
+
+    async def _enqueue(
+        self, where: tuple[int, str], keys: list[str], definition: bytes, args: list[Any]
+    ) -> Any:
+        """Run the submit script; its reply. Integrations are stored per partition (one hash
+        tag each): the first submit of a digest to a partition sends it, concurrent ones wait
+        for that one and send none."""
         storing = self._stored.get(where)
-        if storing is not None and await asyncio.shield(storing):
-            done = await self._run_submit(keys, [b"", data, entry, *rest])
+        if storing is not None and (
+            storing.result() if storing.done() else await asyncio.shield(storing)
+        ):
+            done = await self._run_submit(keys, [b"", *args])
             if done != SUBMIT_INTEGRATION_MISSING:
-                return execution_id
+                return done
             # Expired since (or evicted): send it after all.
-            await self._run_submit(keys, [definition, data, entry, *rest])
-            return execution_id
+            return await self._run_submit(keys, [definition, *args])
         storing = asyncio.get_running_loop().create_future()
         self._stored[where] = storing
         stored = False
         try:
-            await self._run_submit(keys, [definition, data, entry, *rest])
+            done = await self._run_submit(keys, [definition, *args])
             stored = True
         finally:
             # Whatever happened here (a failure, this caller's cancel), the waiting submits go
@@ -274,7 +294,15 @@ class Client:
             storing.set_result(stored)
             if not stored and self._stored.get(where) is storing:
                 del self._stored[where]
-        return execution_id
+        return done
+
+    def _expect(self, execution_id: str) -> None:
+        """Note an execution this client submits: its announcement is kept until a wait asks
+        for it, so that wait needs no read of the result key. The oldest go past FRESH_MAX
+        (submitted and never awaited); a wait on one of those reads the key, as any other."""
+        self._fresh[execution_id] = None
+        if len(self._fresh) > FRESH_MAX:
+            del self._fresh[next(iter(self._fresh))]
 
     def _encoded(self, integration: Integration) -> tuple[str, bytes]:
         """The integration's digest and encoding; computed once for the same object in a row
@@ -340,14 +368,24 @@ class Client:
         loop = asyncio.get_running_loop()
         recheck_at = loop.time() + RECHECK_FIRST_S
         recheck_s = RECHECK_FIRST_S
+        # One of this client's own, fresh executions: announced already, or to be announced
+        # to us (it was expected before it was sent), so the key need not be read first.
+        expected = execution_id in self._fresh
+        early = self._fresh.pop(execution_id, None)
+        if early is not None and early.result:
+            with contextlib.suppress(msgspec.DecodeError):
+                return Result.from_raw(result_decoder.decode(early.result))
+        read_first = not expected or early is not None
         while True:
             announced: asyncio.Future[Completion] = loop.create_future()
             # Registered before the read: a completion after the read is announced to us.
             self._waiters.setdefault(execution_id, []).append(announced)
             try:
-                found = await self.result(execution_id)
-                if found is not None:
-                    return found
+                if read_first:
+                    found = await self.result(execution_id)
+                    if found is not None:
+                        return found
+                read_first = True
                 if deadline <= recheck_at:
                     await announced  # the timeout comes first: no recheck timer needed
                 else:  # asyncio.wait leaves the future alone when its time is up
@@ -374,8 +412,16 @@ class Client:
             del self._waiters[execution_id]
 
     def _completed(self, completion: Completion) -> None:
-        """The reader saw an announcement: resolve whoever waits on that execution."""
-        for announced in self._waiters.pop(completion.execution_id, []):
+        """The reader saw an announcement: resolve whoever waits on that execution, or keep
+        it for the wait to come on one this client submitted."""
+        execution_id = completion.execution_id
+        waiting = self._waiters.pop(execution_id, None)
+        if waiting is None:
+            if execution_id in self._fresh:
+                self._fresh[execution_id] = completion
+            return
+        self._fresh.pop(execution_id, None)
+        for announced in waiting:
             if not announced.done():
                 announced.set_result(completion)
 

@@ -21,10 +21,13 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+import hiredis
 import msgspec
+from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from runnerd.connection import RedisClient
+from runnerd.connection import SOCKET_TIMEOUT_S, RedisClient
 from runnerd.keys import Keys
 from runnerd.messages import Completion, completion_decoder
 from runnerd.store import COMPLETION_FIELD
@@ -93,8 +96,7 @@ class CompletionReader:
 
     async def _read(self, streams: list[bytes]) -> Any:
         if not isinstance(self.redis, RedisCluster):
-            last: dict[Any, Any] = {s: self.last_ids[s] for s in streams}
-            return await self.redis.xread(last, count=READ_COUNT, block=READ_BLOCK_MS)
+            return await self._read_raw(self.redis, streams)
         # Named node: redis-py would otherwise ask a server for XREAD's keys (COMMAND GETKEYS,
         # its keys are "movable") before every read. After a failover the first read here
         # fails with MOVED, which also updates the slot map the next read is routed by.
@@ -112,7 +114,33 @@ class CompletionReader:
             target_nodes=node,
         )
 
-    def _announce(self, fields: dict[bytes, bytes]) -> None:
+    async def _read_raw(self, redis: Redis, streams: list[bytes]) -> Any:
+        """One server: the XREAD packed by hiredis and its reply read raw off a connection of
+        the pool, as the Batcher does: under load the reader reads every few completions, and
+        redis-py's own path (packing in Python, a response callback building dicts) was most
+        of its cost. Fields come back as a flat [name, value, ...] list."""
+        ids = [self.last_ids[s] for s in streams]
+        command: tuple[Any, ...] = ("XREAD", "COUNT", READ_COUNT, "BLOCK", READ_BLOCK_MS)
+        command += ("STREAMS", *streams, *ids)
+        pool = redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_packed_command(hiredis.pack_command(command), check_health=False)
+            wait_s = READ_BLOCK_MS / 1000 + SOCKET_TIMEOUT_S
+            reply = await connection.read_response(timeout=wait_s)
+            if reply is None:  # read_response's own timeout: the server hangs
+                raise RedisTimeoutError(f"no reply to XREAD within {wait_s:g} s")
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(connection)
+        # RESP3 (redis-py 8's default) answers a map of stream -> entries, RESP2 a list.
+        return list(reply.items()) if isinstance(reply, dict) else reply
+
+    def _announce(self, fields: dict[bytes, bytes] | list[bytes]) -> None:
+        if isinstance(fields, list):
+            fields = dict(zip(fields[::2], fields[1::2], strict=True))
         try:
             completion = completion_decoder.decode(fields.get(COMPLETION_FIELD, b""))
         except (msgspec.DecodeError, TypeError):

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 import redis
 
+from runnerd import client as client_module
 from runnerd.client import Client, open_redis
 from runnerd.keys import GROUP, Keys
 from runnerd.messages import ExecutionResult, Integration, execution_decoder
@@ -257,3 +258,39 @@ def test_every_execution_succeeds_through_a_failover_and_a_killed_master(
         outputs = run_async(scenario())
         assert outputs == list(range(count))
         assert all(worker.is_alive() for worker in workers)
+
+
+async def announced_while_waiting(url: str, keys: Keys) -> list[Any]:
+    """Waits registered first, completions after: with every wait's timeout far below its
+    first recheck of the result key, only the completions reader can end them."""
+    store = Store(await open_redis(url), keys, result_ttl_s=60)
+    try:
+        await store.ensure_groups("completer")
+        async with Client.connect(url, keys.prefix, keys.partitions) as client:
+            ids = [await client.submit(ECHO, n) for n in range(2 * keys.partitions)]
+            waits = [asyncio.create_task(client.wait(i, timeout=5)) for i in ids]
+            await asyncio.sleep(0.3)  # every wait has read its key and found nothing
+            assert not any(wait.done() for wait in waits)
+            for partition in range(keys.partitions):
+                for entry in await store.read_new(partition, "completer", 100, None):
+                    execution = execution_decoder.decode(entry.body or b"")
+                    payload = await store.input(execution.execution_id)
+                    assert payload is not None
+                    output = msgspec.Raw(payload)
+                    await store.complete(
+                        entry, ExecutionResult(execution.execution_id, "succeeded", output)
+                    )
+            return [result.output for result in await asyncio.gather(*waits)]
+    finally:
+        await store.redis.aclose()
+
+
+def test_waits_are_ended_by_their_announcements(private_redis: RedisServer) -> None:
+    keys = Keys(f"t{uuid.uuid4().hex[:10]}", 2)
+    assert client_module.RECHECK_FIRST_S > 5
+    assert run_async(announced_while_waiting(private_redis.url, keys)) == [0, 1, 2, 3]
+
+
+def test_waits_are_ended_by_their_announcements_on_a_cluster(cluster: Cluster) -> None:
+    keys = Keys(spread_prefix(cluster, 3), 3)
+    assert run_async(announced_while_waiting(cluster.url, keys)) == list(range(6))
