@@ -52,6 +52,7 @@ class Batcher:
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
         self.round_trips = 0
+        self._connection: Any = None  # one server: the connection batches go out on
 
     async def call(self, *args: Any, source: str | None = None) -> Any:
         """Send one command (as execute_command takes it) and return its reply."""
@@ -72,6 +73,9 @@ class Batcher:
             if not call.reply.done():
                 call.reply.set_exception(StoreError("the client was closed"))
         self._queued.clear()
+        if self._connection is not None and isinstance(self.redis, Redis):
+            await self.redis.connection_pool.release(self._connection)
+            self._connection = None
 
     async def _flush(self) -> None:
         try:
@@ -123,14 +127,16 @@ class Batcher:
                 _fail(call, reply)
         return retry
 
-    @staticmethod
-    async def _round_trip(redis: Redis, batch: list[_Call]) -> Sequence[Any]:
+    async def _round_trip(self, redis: Redis, batch: list[_Call]) -> Sequence[Any]:
         """One server: the batch packed by hiredis and its replies read off one of the pool's
         connections, raw. redis-py's asyncio pipeline packs in Python and wraps every reply in
         a timeout and a response callback: about 60 % of a submit + wait's CPU, this way 10 %.
         One deadline covers the whole round trip."""
-        pool = redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        # Held from the first batch to close(): one pipeline is in flight at a time, and taking
+        # a connection from the pool for each cost as much as the batch's own packing.
+        if self._connection is None:
+            self._connection = await redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        connection = self._connection
         try:
             async with asyncio.timeout(SOCKET_TIMEOUT_S):
                 packed = b"".join([hiredis.pack_command(call.args) for call in batch])
@@ -142,12 +148,11 @@ class Batcher:
                     except ResponseError as exc:  # this command's error; the others go on
                         replies.append(exc)
         except BaseException as exc:
-            await connection.disconnect(nowait=True)  # replies may be left unread on it
+            # Replies may be left unread on it: the next batch reconnects it.
+            await connection.disconnect(nowait=True)
             if isinstance(exc, TimeoutError):
                 raise RedisTimeoutError(f"no reply within {SOCKET_TIMEOUT_S:g} s") from None
             raise
-        finally:
-            await pool.release(connection)
         return replies
 
     @staticmethod

@@ -87,6 +87,7 @@ _SUBMIT_SHA = hashlib.sha1(_SUBMIT.encode()).hexdigest()
 # for an announcement the reader could not see (trimmed while it was cut off), not the path.
 RECHECK_FIRST_S = 15.0
 RECHECK_MAX_S = 120.0
+RECHECK_TICK_S = 1.0  # how often the sweep looks for due rechecks
 RETRY_S = 60.0  # how long a command is retried through failures before the caller hears
 CONNECTIONS_MAX = 4  # single Redis: the pool's cap (the reader and the batcher use 2)
 
@@ -159,7 +160,9 @@ class Client:
         self._redis: RedisClient | None = None
         self._batcher: Batcher | None = None
         self._reader: CompletionReader | None = None
-        self._waiters: dict[str, list[asyncio.Future[Completion]]] = {}
+        self._waiters: dict[str, list[asyncio.Future[Completion | None]]] = {}
+        self._rechecks: dict[asyncio.Future[Completion | None], float] = {}  # when each is due
+        self._sweeper: asyncio.Task[None] | None = None
         # (partition, digest) of the integrations this client has stored or is storing:
         # True once stored, False if the submit that was storing it failed.
         self._stored: dict[tuple[int, str], asyncio.Future[bool]] = {}
@@ -207,6 +210,7 @@ class Client:
             raise
         self._redis, self._reader = redis, reader
         self._batcher = Batcher(redis, self.retry_s)
+        self._sweeper = asyncio.create_task(self._sweep())
 
     async def close(self) -> None:
         waiters, self._waiters = self._waiters, {}
@@ -215,6 +219,11 @@ class Client:
                 if not announced.done():
                     announced.set_exception(StoreError("the client was closed"))
                     announced.exception()  # retrieved: a waiter mid-GET may never look
+        self._rechecks.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
@@ -359,14 +368,13 @@ class Client:
         Returns at once for an execution that has finished already."""
         self.keys.partition_of(execution_id)  # a foreign id fails here, not after the timeout
         try:
-            async with asyncio.timeout(timeout) as deadline:
-                return await self._wait(execution_id, deadline.when() or 0.0)
+            async with asyncio.timeout(timeout):
+                return await self._wait(execution_id)
         except TimeoutError:
             raise TimeoutError(f"no result for {execution_id} after {timeout:g} s") from None
 
-    async def _wait(self, execution_id: str, deadline: float) -> Result:
+    async def _wait(self, execution_id: str) -> Result:
         loop = asyncio.get_running_loop()
-        recheck_at = loop.time() + RECHECK_FIRST_S
         recheck_s = RECHECK_FIRST_S
         # One of this client's own, fresh executions: announced already, or to be announced
         # to us (it was expected before it was sent), so the key need not be read first.
@@ -377,32 +385,40 @@ class Client:
                 return Result.from_raw(result_decoder.decode(early.result))
         read_first = not expected or early is not None
         while True:
-            announced: asyncio.Future[Completion] = loop.create_future()
+            announced: asyncio.Future[Completion | None] = loop.create_future()
             # Registered before the read: a completion after the read is announced to us.
             self._waiters.setdefault(execution_id, []).append(announced)
+            self._rechecks[announced] = loop.time() + recheck_s
             try:
                 if read_first:
                     found = await self.result(execution_id)
                     if found is not None:
                         return found
                 read_first = True
-                if deadline <= recheck_at:
-                    await announced  # the timeout comes first: no recheck timer needed
-                else:  # asyncio.wait leaves the future alone when its time is up
-                    await asyncio.wait((announced,), timeout=max(0.0, recheck_at - loop.time()))
-                if not announced.done():
+                completion = await announced
+                if completion is None:  # the sweep: read the key again, it may have been missed
                     recheck_s = min(RECHECK_MAX_S, recheck_s * 2)
-                    recheck_at = loop.time() + recheck_s
-                    continue  # read the key again: the announcement may have been missed
-                completion = announced.result()
+                    continue
                 if completion.result:
                     with contextlib.suppress(msgspec.DecodeError):
                         return Result.from_raw(result_decoder.decode(completion.result))
                 # Too big to be announced whole (or unreadable): the loop's next GET reads it.
             finally:
+                self._rechecks.pop(announced, None)
                 self._forget(execution_id, announced)
 
-    def _forget(self, execution_id: str, announced: asyncio.Future[Completion]) -> None:
+    async def _sweep(self) -> None:
+        """Wake the waits whose recheck is due (one task for all of them: a timer per wait
+        cost more than the rest of the wait)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(RECHECK_TICK_S)
+            now = loop.time()
+            for announced in [f for f, due in self._rechecks.items() if due <= now]:
+                if not announced.done():
+                    announced.set_result(None)
+
+    def _forget(self, execution_id: str, announced: asyncio.Future[Completion | None]) -> None:
         waiting = self._waiters.get(execution_id)
         if waiting is None:
             return

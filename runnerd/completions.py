@@ -49,6 +49,7 @@ class CompletionReader:
         self.last_ids: dict[bytes, bytes] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._connection: Any = None  # one server: the connection the reads block on
         self.failures = 0  # read failures so far (a test and the bench can look)
 
     async def start(self, clustered: bool) -> None:
@@ -69,6 +70,10 @@ class CompletionReader:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=READ_BLOCK_MS / 1000 + 1)
+        if self._connection is not None and isinstance(self.redis, Redis):
+            await self._connection.disconnect(nowait=True)  # a read may be cut off mid-reply
+            await self.redis.connection_pool.release(self._connection)
+            self._connection = None
 
     async def _follow(self, streams: list[bytes]) -> None:
         failures = 0
@@ -122,8 +127,9 @@ class CompletionReader:
         ids = [self.last_ids[s] for s in streams]
         command: tuple[Any, ...] = ("XREAD", "COUNT", READ_COUNT, "BLOCK", READ_BLOCK_MS)
         command += ("STREAMS", *streams, *ids)
-        pool = redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        if self._connection is None:  # held until close(), as the Batcher holds its own
+            self._connection = await redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        connection = self._connection
         try:
             await connection.send_packed_command(hiredis.pack_command(command), check_health=False)
             wait_s = READ_BLOCK_MS / 1000 + SOCKET_TIMEOUT_S
@@ -131,16 +137,17 @@ class CompletionReader:
             if reply is None:  # read_response's own timeout: the server hangs
                 raise RedisTimeoutError(f"no reply to XREAD within {wait_s:g} s")
         except BaseException:
-            await connection.disconnect(nowait=True)
+            await connection.disconnect(nowait=True)  # the next read reconnects it
             raise
-        finally:
-            await pool.release(connection)
         # RESP3 (redis-py 8's default) answers a map of stream -> entries, RESP2 a list.
         return list(reply.items()) if isinstance(reply, dict) else reply
 
     def _announce(self, fields: dict[bytes, bytes] | list[bytes]) -> None:
-        if isinstance(fields, list):
-            fields = dict(zip(fields[::2], fields[1::2], strict=True))
+        if isinstance(fields, list):  # raw: workers write the one field `c`
+            if len(fields) == 2 and fields[0] == COMPLETION_FIELD:
+                fields = {COMPLETION_FIELD: fields[1]}
+            else:
+                fields = dict(zip(fields[::2], fields[1::2], strict=False))
         try:
             completion = completion_decoder.decode(fields.get(COMPLETION_FIELD, b""))
         except (msgspec.DecodeError, TypeError):

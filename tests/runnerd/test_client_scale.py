@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 import redis
 
 from runnerd import client as client_module
 from runnerd.client import Client, open_redis
 from runnerd.keys import GROUP, Keys
-from runnerd.messages import ExecutionResult, Integration, execution_decoder
+from runnerd.messages import ExecutionResult, Integration, encoder, execution_decoder
 from runnerd.store import Store
 from tests.runnerd.clusters import Cluster, running_cluster, spread_prefix
 from tests.runnerd.clusters import cluster as cluster  # the 3-master cluster fixture
@@ -294,3 +295,24 @@ def test_waits_are_ended_by_their_announcements(private_redis: RedisServer) -> N
 def test_waits_are_ended_by_their_announcements_on_a_cluster(cluster: Cluster) -> None:
     keys = Keys(spread_prefix(cluster, 3), 3)
     assert run_async(announced_while_waiting(cluster.url, keys)) == list(range(6))
+
+
+def test_a_wait_whose_announcement_was_lost_ends_on_its_recheck(
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result written with no announcement (trimmed while the client was cut off): the wait
+    reads the key again when its recheck is due, and ends."""
+    monkeypatch.setattr(client_module, "RECHECK_FIRST_S", 0.5)
+    monkeypatch.setattr(client_module, "RECHECK_TICK_S", 0.1)
+    keys = Keys(f"t{uuid.uuid4().hex[:10]}", 1)
+
+    async def scenario() -> Any:
+        async with Client.connect(private_redis.url, keys.prefix) as client:
+            execution_id = await client.submit(ECHO, "quiet")
+            waiting = asyncio.create_task(client.wait(execution_id, timeout=10))
+            await asyncio.sleep(0.2)
+            result = ExecutionResult(execution_id, "succeeded", msgspec.Raw(b"\xa5quiet"))
+            await client.redis.set(keys.result(execution_id), encoder.encode(result))
+            return (await waiting).output, await client.redis.xlen(keys.completions(0))
+
+    assert run_async(scenario()) == ("quiet", 0)  # found by the recheck, nothing announced
