@@ -82,6 +82,8 @@ class CompletionReader:
                 reply: Any = await self._read(streams)
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - whatever it was, the reader must go on
+                if self._closing:  # cut off by close(): nothing to say, nothing to resume
+                    break
                 failures += 1
                 self.failures += 1
                 if failures == 1:

@@ -201,9 +201,21 @@ class Store:
     ) -> list[Entry]:
         """Up to `count` entries never delivered before; block_ms None: do not wait."""
         stream = self.keys.work(partition)
-        reply: Any = await self.redis.xreadgroup(
-            GROUP, consumer, {stream: ">"}, count=count, block=block_ms
-        )
+        reply: Any
+        if isinstance(self.redis, RedisCluster):
+            # Named node: redis-py would otherwise ask a server for XREADGROUP's keys (COMMAND
+            # GETKEYS, its keys are "movable") before every read. After a failover the first
+            # read fails with MOVED, which updates the slot map the next one is routed by.
+            block: list[str | int] = ["BLOCK", block_ms] if block_ms is not None else []
+            reply = await self.redis.execute_command(
+                "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", count, *block,
+                "STREAMS", stream, ">",
+                target_nodes=self.redis.get_node_from_key(stream),
+            )  # fmt: skip
+        else:
+            reply = await self.redis.xreadgroup(
+                GROUP, consumer, {stream: ">"}, count=count, block=block_ms
+            )
         return [
             Entry(partition, entry_id, fields.get(ENTRY_FIELD))
             for _, entries in reply or []

@@ -331,7 +331,9 @@ def test_entry_delivered_too_often_is_dead_lettered_and_its_submitter_told(
     assert fields[b"entry_id"] == entry_id
     assert run_counts(shared_redis, prefix, ["never"]) == {"never": 0}
     assert shared_redis.xlen(keys.work(0)) == 0
-    assert shared_redis.exists(keys.input(execution_id)) == 0
+    # The input stays, for as long as the result, so that a replay can run it again.
+    assert shared_redis.pttl(keys.input(execution_id)) > 0
+    assert shared_redis.exists(keys.checkpoint(execution_id)) == 0
     assert daemon.is_alive()
 
 
