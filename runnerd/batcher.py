@@ -51,7 +51,6 @@ class Batcher:
         self._queued: list[_Call] = []
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
-        self.round_trips = 0
         self._connection: Any = None  # one server: the connection batches go out on
 
     async def call(self, *args: Any, source: str | None = None) -> Any:
@@ -100,7 +99,6 @@ class Batcher:
         batch = [call for call in batch if not call.reply.done()]  # a caller that gave up
         if not batch:
             return []
-        self.round_trips += 1
         try:
             if isinstance(self.redis, RedisCluster):
                 replies = await self._cluster_round_trip(self.redis, batch)

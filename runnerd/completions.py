@@ -50,7 +50,6 @@ class CompletionReader:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._connection: Any = None  # one server: the connection the reads block on
-        self.failures = 0  # read failures so far (a test and the bench can look)
 
     async def start(self, clustered: bool) -> None:
         """Note where each stream ends now, then follow them: every completion after this
@@ -85,7 +84,6 @@ class CompletionReader:
                 if self._closing:  # cut off by close(): nothing to say, nothing to resume
                     break
                 failures += 1
-                self.failures += 1
                 if failures == 1:
                     log.warning(
                         "reading completions failed (%s); resuming %g s back", exc, REWIND_S

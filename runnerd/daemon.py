@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 
 import runnerd
 from runnerd import emf, http, registry
-from runnerd.client import open_redis
+from runnerd.connection import open_redis
 from runnerd.errors import RunnerdError
 from runnerd.executor import Ending, Executor, RetryPolicy
 from runnerd.keys import Keys
