@@ -5,6 +5,7 @@ workers on the shared Redis; and the user errors (item 5), each one line, no tra
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -448,6 +449,9 @@ def test_a_negative_timeout_is_a_usage_error(cli: Any, command: str, integration
     )
 
 
+SLOW_CALLBACK = re.compile(r"^Executing <.*> took [0-9.]+ seconds$")
+
+
 def test_serve_on_a_busy_http_port_is_one_line_and_no_asyncio_warnings(cli: Any) -> None:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
@@ -465,7 +469,10 @@ def test_serve_on_a_busy_http_port_is_one_line_and_no_asyncio_warnings(cli: Any)
         )
 
     assert done.returncode == 1
-    line = one_line(done.stderr)
+    # Development mode also reports every callback slower than 0.1 s on stderr; on a loaded
+    # host those notes are about the host, not about what this test checks.
+    stderr = "\n".join(line for line in done.stderr.splitlines() if not SLOW_CALLBACK.match(line))
+    line = one_line(stderr)
     assert line.startswith(f"runnerd: cannot serve HTTP on 127.0.0.1:{port} (RUNNERD_HTTP_PORT): ")
     assert "address already in use" in line
     # asyncio logs a destroyed task through logging, which serve sends to stdout as JSON.
