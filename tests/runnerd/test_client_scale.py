@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import threading
 import time
@@ -23,6 +24,7 @@ import redis
 
 from runnerd import client as client_module
 from runnerd.client import Client, open_redis
+from runnerd.completions import READ_BLOCK_MS
 from runnerd.keys import GROUP, Keys
 from runnerd.messages import ExecutionResult, Integration, encoder, execution_decoder
 from runnerd.store import Store
@@ -145,6 +147,29 @@ def test_wait_on_a_finished_execution_returns_at_once(private_redis: RedisServer
             return (await late.wait(execution_id, timeout=0.5)).output
 
     assert run_async(scenario()) == "early"
+
+
+def test_a_reader_idle_past_its_block_is_not_a_failure(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An XREAD that blocks and sees nothing answers nil; the reader must take that for no
+    news, not for a server that hangs (which it once logged, reconnecting every block)."""
+    keys = Keys(f"t{uuid.uuid4().hex[:10]}", 1)
+
+    async def scenario() -> Any:
+        stop = asyncio.Event()
+        async with Client.connect(private_redis.url, keys.prefix) as client:
+            await asyncio.sleep(READ_BLOCK_MS / 1000 * 2.5)  # two empty blocks, and a half
+            completer = asyncio.create_task(complete_everything(private_redis.url, keys, stop))
+            execution_id = await client.submit(ECHO, "after the quiet")
+            output = (await client.wait(execution_id, timeout=30)).output
+        stop.set()
+        await completer
+        return output
+
+    with caplog.at_level(logging.WARNING, logger="runnerd"):
+        assert run_async(scenario()) == "after the quiet"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 class ReplyDropper:
