@@ -21,6 +21,7 @@ from runnerd.client import Client, Result
 from runnerd.daemon import Worker
 from runnerd.embedded import EmbeddedRedis
 from runnerd.errors import SandboxUnavailable, UsageError
+from runnerd.loop_store import LoopStore
 from runnerd.messages import Integration
 from runnerd.outcomes import (
     EXIT_FAILED,
@@ -124,6 +125,18 @@ async def result(args: argparse.Namespace, settings: Settings) -> int:
         if args.wait:
             return await _print_result(client, args.execution_id, args.timeout, settings)
         found = await client.result(args.execution_id)
+        loop = None
+        if found is None:
+            loops = LoopStore(client.redis, client.keys, 0)
+            loop = await loops.state(args.execution_id)
+    if found is None and loop is not None:
+        failed = f", {loop.failed} failed" if loop.failed else ""
+        print(
+            f"runnerd: no result for {args.execution_id} yet: its loop `{loop.step}` has "
+            f"{loop.done} of {loop.total} items done{failed}; --wait to wait for it",
+            file=sys.stderr,
+        )
+        return EXIT_NO_RESULT
     if found is None:
         print(
             f"runnerd: no result for {args.execution_id}: queued, running, unknown, or "

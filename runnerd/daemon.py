@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 
 import runnerd
 from runnerd import emf, http, registry
+from runnerd.capacity import Capacity
 from runnerd.connection import open_redis
 from runnerd.errors import RunnerdError
 from runnerd.executor import Ending, Executor, RetryPolicy
@@ -59,33 +60,6 @@ CANCEL_POLL_S = 0.5  # how often the cancel markers of in-flight executions are 
 ANNOUNCE_INTERVAL_S = 5.0  # registry: readers keep workers seen within 15 s, three of these
 
 
-class Capacity:
-    """How many more executions this worker may run; taken in batches by the readers."""
-
-    def __init__(self, size: int) -> None:
-        self.free = size
-        self._changed = asyncio.Event()
-
-    def take_now(self, most: int) -> int:
-        taken = max(0, min(most, self.free))
-        self.free -= taken
-        return taken
-
-    def take_one_anyway(self) -> None:
-        """For an entry already delivered to this worker: run it even one past the limit."""
-        self.free -= 1
-
-    async def wait_free(self) -> None:
-        while self.free <= 0:
-            self._changed.clear()
-            await self._changed.wait()
-
-    def give(self, count: int) -> None:
-        if count > 0:
-            self.free += count
-            self._changed.set()
-
-
 class Worker:
     def __init__(
         self, config: Settings, redis: RedisClient, spawner: Spawner, metrics: Metrics
@@ -98,6 +72,7 @@ class Worker:
         self.store = Store(redis, self.keys, config.result_ttl_s)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.log = logging.LoggerAdapter(log, {"worker_id": self.worker_id})
+        self.capacity = Capacity(config.concurrency)
         self.executor = Executor(
             self.store,
             spawner,
@@ -106,8 +81,9 @@ class Worker:
             config.max_deliveries,
             DEAD_LETTER_MAX_LEN,
             metrics,
+            self.capacity,
+            config.loop_items_max,
         )
-        self.capacity = Capacity(config.concurrency)
         self.in_flight: dict[tuple[int, bytes], tuple[Entry, asyncio.Task[None]]] = {}
         self.stopping = asyncio.Event()
         self.drained = asyncio.Event()  # set once nothing of this worker runs any more
@@ -306,7 +282,7 @@ class Worker:
             ending = await self._with_retries(lambda: self.executor.handle(entry))
             self.finished += 1
             duration_s = time.perf_counter() - started
-            if ending.status is not None:
+            if ending.status is not None and ending.item_of is None:
                 self.metrics.execution_ended(ending.status, ending.integration, duration_s)
             self._log_end(entry, ending, duration_s)
         except Exception:  # the loop's edge: log and count; the entry is reclaimed later
@@ -330,13 +306,14 @@ class Worker:
             "error_type": ending.error_type,
             "reason": ending.reason,
         }
+        if ending.item_of is not None:
+            what = f"loop {ending.item_of} item {ending.status or 'had nothing left to do'}"
+        elif ending.status is None and ending.items:
+            what = f"execution handed to {ending.items} loop items"
+        else:
+            what = f"execution {ending.status or 'parked for a retry'}"
         # Straight to the logger: a LoggerAdapter on 3.11 would drop this call's extra.
-        log.info(
-            "execution %s in %.1f ms",
-            ending.status or "parked for a retry",
-            duration_s * 1000,
-            extra=fields,
-        )
+        log.info("%s in %.1f ms", what, duration_s * 1000, extra=fields)
 
     async def _with_retries(self, action: Callable[[], Awaitable[T]]) -> T:
         """Run an execution; when Redis fails under it, try again (its checkpoint makes the

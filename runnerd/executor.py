@@ -15,11 +15,17 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import msgspec
 
 from runnerd.cancel import cancelled_result
+from runnerd.capacity import Capacity
+from runnerd.loop_fanout import Fanout
+from runnerd.loop_runner import LoopRunner
+from runnerd.loop_store import LoopStore
 from runnerd.messages import (
     ENTRY_VERSION,
     Checkpoint,
@@ -27,6 +33,7 @@ from runnerd.messages import (
     ExecutionResult,
     ExecutionStatus,
     Integration,
+    ItemCounts,
     StepDefinition,
     StepOutcome,
     StepReport,
@@ -37,6 +44,9 @@ from runnerd.spawner import Spawner, StepSpec
 from runnerd.store import Entry, Store
 from sandbox.protocol import NIL, StepContext, StepError
 
+LOOP_ITEMS_MAX = 10_000
+
+T = TypeVar("T")
 log = logging.getLogger("runnerd.executor")
 STEP_OUTPUT_KEPT_MAX = 64 * 1024  # per-step outputs in a result are kept only when this small
 NOT_RETRIED = frozenset({"fatal"})  # step error types that fail an execution at once
@@ -62,6 +72,8 @@ class Ending:
     failed_step: str | None = None
     error_type: str | None = None
     reason: DeadReason | None = None  # why it was dead-lettered
+    items: int = 0  # status None and items: went on as this many distributed loop items
+    item_of: str | None = None  # the entry was an item of this loop step (status: the item's)
 
 
 class Executor:
@@ -74,6 +86,8 @@ class Executor:
         max_deliveries: int,
         dead_letter_max_len: int,
         metrics: Metrics,
+        capacity: Capacity | None = None,
+        loop_items_max: int = LOOP_ITEMS_MAX,
     ) -> None:
         self.metrics = metrics
         self.store = store
@@ -85,7 +99,20 @@ class Executor:
         self._integrations: dict[str, Integration] = {}
         self.running: dict[str, int] = {}  # execution id -> partition, for the cancel poll
         self._cancelled: set[str] = set()  # of those, the ones an operator cancelled
-        self._steps: dict[str, asyncio.Task[StepOutcome]] = {}  # each one's running step
+        self._steps: dict[str, asyncio.Task[Any]] = {}  # each one's running step
+        # Without a worker's capacity (a test, a tool), a loop runs 4 items at a time at most.
+        capacity = capacity or Capacity(4)
+        loop_store = LoopStore(store.redis, store.keys, store.result_ttl_ms)
+        self.loops = LoopRunner(
+            loop_store,
+            capacity,
+            metrics,
+            worker_id,
+            default_parallelism=max(1, capacity.free // 2),
+            items_max=loop_items_max,
+            retry_delay_s=retry.delay_s,
+        )
+        self.fanout = Fanout(store, loop_store, self.loops, worker_id, max_deliveries)
 
     def cancel(self, execution_id: str) -> bool:
         """An operator cancelled this running execution: start no further step of it, and kill
@@ -127,6 +154,8 @@ class Executor:
             self._cancelled.discard(execution_id)
 
     async def _take(self, entry: Entry, execution: Execution) -> Ending:
+        if execution.item is not None:
+            return await self._item(entry, execution)
         checkpoint, payload, cancelled = await self.store.start_state(execution.execution_id)
         if cancelled:  # before the delivery count: a cancelled execution is never dead
             found = await self._integration(entry.partition, execution.integration)
@@ -175,22 +204,28 @@ class Executor:
         for index in range(checkpoint.next_step, len(integration.steps)):
             step = integration.steps[index]
             outcome = None
+            counts: ItemCounts | None = None
             if execution_id not in self._cancelled:
                 if first_run:
                     first_run = False
                     waited_s = time.time() - execution.submitted_at  # the client's clock
                     self.metrics.queue_wait.observe(max(0.0, waited_s))
-                spec = _spec(step, payload_raw, execution_id, attempt)
-                outcome = await self._step(execution_id, spec)
+                ran = await self._one_step(
+                    entry, execution, index, step, payload_raw, attempt, reports, pending_save
+                )
+                if isinstance(ran, int):  # went on as a distributed loop's items
+                    return Ending(None, integration.name, items=ran)
+                outcome, counts = ran
             if outcome is None:  # cancelled before or during this step
                 if pending_save is not None:
                     await pending_save  # else it could write the checkpoint after the cleanup
                 return await self._cancelled_end(
                     entry, execution, integration.name, step.name, reports, attempt, started
                 )
-            reports.append(_report(step, outcome))
+            reports.append(_report(step, outcome, counts))
             error_type = outcome.error.type if outcome.error else None
-            self.metrics.step_finished(step.runtime, error_type, outcome.duration_s)
+            if step.for_each is None:  # a loop's steps are counted one by one
+                self.metrics.step_finished(step.runtime, error_type, outcome.duration_s)
             log.debug(
                 "step %s %s in %.1f ms",
                 step.name,
@@ -208,13 +243,16 @@ class Executor:
                 if attempt <= integration.retries and not _is_final(outcome.error):
                     retry = Checkpoint(index, attempt + 1, payload_raw, reports[:-1])
                     await self.store.save_checkpoint(execution_id, retry)
-                    again = msgspec.structs.replace(execution, attempt=attempt + 1)
+                    again = msgspec.structs.replace(
+                        execution, attempt=attempt + 1, resumes_loop=None
+                    )
                     await self.store.retry_later(entry, again, self.retry.delay_s(attempt))
                     self.metrics.retried.inc()
                     return Ending(None, integration.name, step.name, error_type)
                 result = self._result(execution, "failed", NIL, reports, attempt, started)
                 result = msgspec.structs.replace(result, error=outcome.error, failed_step=step.name)
                 await self.store.complete(entry, result)
+                await self._forget_loops(execution_id, reports)
                 return Ending("failed", integration.name, step.name, error_type)
             payload_raw = outcome.output
             if index + 1 < len(integration.steps):
@@ -227,13 +265,103 @@ class Executor:
                 pending_save.add_done_callback(_retrieve)
         result = self._result(execution, "succeeded", payload_raw, reports, attempt, started)
         await self.store.complete(entry, result)
+        await self._forget_loops(execution_id, reports)
         return Ending("succeeded", integration.name)
 
-    async def _step(self, execution_id: str, spec: StepSpec) -> StepOutcome | None:
+    async def _run_step(
+        self, step: StepDefinition, payload: msgspec.Raw, context: StepContext
+    ) -> StepOutcome:
+        """Run one step in a fresh child: a step of the integration, or of a loop's item."""
+        return await self.spawner.run_step(_spec(step, payload, context))
+
+    async def _loop(
+        self,
+        execution_id: str,
+        index: int,
+        step: StepDefinition,
+        payload: msgspec.Raw,
+        attempt: int,
+    ) -> tuple[StepOutcome, ItemCounts]:
+        started = time.perf_counter()
+        outcome, counts = await self.loops.run(
+            execution_id, index, step, payload, attempt, self._run_step
+        )
+        return msgspec.structs.replace(outcome, duration_s=time.perf_counter() - started), counts
+
+    async def _one_step(
+        self,
+        entry: Entry,
+        execution: Execution,
+        index: int,
+        step: StepDefinition,
+        payload: msgspec.Raw,
+        attempt: int,
+        reports: list[StepReport],
+        pending_save: asyncio.Task[None] | None,
+    ) -> tuple[StepOutcome | None, ItemCounts | None] | int:
+        """Run step `index`: its outcome (None: cancelled), a loop's counts, or the number of
+        items a distributed loop handed to the streams."""
+        if step.for_each is None:
+            context = StepContext(execution.execution_id, step.name, attempt)
+            work = self._run_step(step, payload, context)
+            return await self._step(execution.execution_id, work), None
+        if step.for_each.distribute and pending_save is not None:
+            await pending_save  # the fan-out writes the checkpoint after it
+        return await self._loop_step(entry, execution, index, step, payload, attempt, reports)
+
+    async def _loop_step(
+        self,
+        entry: Entry,
+        execution: Execution,
+        index: int,
+        step: StepDefinition,
+        payload: msgspec.Raw,
+        attempt: int,
+        reports: list[StepReport],
+    ) -> tuple[StepOutcome | None, ItemCounts | None] | int:
+        """A loop step's outcome (None: an operator's cancel stopped it). A distributed loop
+        step's outcome when this entry is its continuation, else its items handed to the
+        streams: their number (this entry is then acked)."""
+        execution_id = execution.execution_id
+        assert step.for_each is not None
+        if not step.for_each.distribute:
+            ran = await self._step(
+                execution_id, self._loop(execution_id, index, step, payload, attempt)
+            )
+            return ran if ran is not None else (None, None)
+        if execution.resumes_loop == index:
+            return await self.fanout.collect(execution_id, index, step, payload)
+        return await self.fanout.fan_out(entry, execution, index, step, payload, attempt, reports)
+
+    async def _item(self, entry: Entry, execution: Execution) -> Ending:
+        """One item of a distributed loop: run it, count its end, ack its entry."""
+        assert execution.item is not None
+        integration = await self._integration(execution.item.partition, execution.integration)
+        if isinstance(integration, tuple):
+            return await self._dead(entry, execution, *integration)
+        if execution.item.step >= len(integration.steps):
+            reason = f"loop item of step {execution.item.step}, which the integration lacks"
+            return await self._dead(entry, None, "integration_invalid", reason)
+        result = await self.fanout.run_item(entry, execution, integration, self._run_step)
+        step = integration.steps[execution.item.step].name
+        if result is None:
+            return Ending(None, integration.name, item_of=step)
+        status: ExecutionStatus = "succeeded" if result.ok else "failed"
+        error_type = result.error.type if result.error else None
+        failed_step = None if result.ok else result.failed_step
+        return Ending(status, integration.name, failed_step, error_type, item_of=step)
+
+    async def _forget_loops(self, execution_id: str, reports: list[StepReport]) -> None:
+        """An ended execution's loops keep nothing in Redis (their keys expire anyway)."""
+        loops = [(i, r.items.total) for i, r in enumerate(reports) if r.items is not None]
+        if loops:
+            await self.loops.loops.forget(execution_id, loops)
+
+    async def _step(self, execution_id: str, work: Coroutine[Any, Any, T]) -> T | None:
         """The step's outcome; None when an operator's cancel stopped it. The step runs as a
         task of its own, so that a cancel kills the step alone and this execution goes on to
         complete; a cancel of this task (a drain) reaches the step too, and is passed on."""
-        task = asyncio.create_task(self.spawner.run_step(spec))
+        task: asyncio.Task[T] = asyncio.create_task(work)
         self._steps[execution_id] = task
         try:
             return await task
@@ -335,8 +463,11 @@ class Executor:
         return Ending("dead", name, None, "protocol" if execution else None, kind)
 
     def _belongs_to(self, execution: Execution, partition: int) -> bool:
+        """Its keys are the partition's; a distributed loop's item may be on any partition,
+        its keys being its execution's."""
+        home = partition if execution.item is None else execution.item.partition
         try:
-            return self.store.keys.partition_of(execution.execution_id) == partition
+            return self.store.keys.partition_of(execution.execution_id) == home
         except ValueError:
             return False
 
@@ -371,7 +502,8 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-def _spec(step: StepDefinition, payload: msgspec.Raw, execution_id: str, attempt: int) -> StepSpec:
+def _spec(step: StepDefinition, payload: msgspec.Raw, context: StepContext) -> StepSpec:
+    assert step.runtime != "loop", "a loop step runs no code of its own"
     return StepSpec(
         runtime=step.runtime,
         filename=step.filename,
@@ -380,12 +512,12 @@ def _spec(step: StepDefinition, payload: msgspec.Raw, execution_id: str, attempt
         limits=step.limits,
         argv=tuple(step.argv),
         env=step.env,
-        context=StepContext(execution_id, step.name, attempt),
+        context=context,
     )
 
 
-def _report(step: StepDefinition, outcome: StepOutcome) -> StepReport:
+def _report(step: StepDefinition, outcome: StepOutcome, counts: ItemCounts | None) -> StepReport:
     size = len(outcome.output) if outcome.ok else 0
     if size > STEP_OUTPUT_KEPT_MAX:
         outcome = msgspec.structs.replace(outcome, output=NIL)
-    return StepReport(step.name, outcome, size)
+    return StepReport(step.name, outcome, size, counts)

@@ -12,6 +12,16 @@ The file format (JSON):
 
 `code` paths are resolved relative to the file and their text travels with the execution, so
 workers need no shared disk. Limits merge: defaults, then the integration's, then the step's.
+
+A loop is a step with `for_each` instead of code: it runs its own steps once per item of an
+array taken from its input, and outputs the list of item results in item order:
+
+    {"name": "each", "for_each": {"items": "files", "parallelism": 8,
+                                  "on_item_error": "collect", "retries": 1,
+                                  "steps": [{"name": "parse", "code": "parse.py"}]}}
+
+`items` is a path into the input (`$`, the default, is the input itself; `files.0.names` goes
+through maps by key and arrays by index). Loops do not nest.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import hashlib
 import re
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -29,18 +39,38 @@ from runnerd.errors import ConfigError
 from sandbox.protocol import Limits, Runtime
 
 _encoder = msgspec.msgpack.Encoder()
+OnItemError = Literal["fail", "collect", "skip"]
+StepKind = Runtime | Literal["loop"]
 
 
 class StepDefinition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A step as it travels with an execution: code inline, limits resolved."""
 
     name: str
-    runtime: Runtime
+    runtime: StepKind  # "loop": a for_each step, which runs no code of its own
     filename: str
     source: str = ""
     argv: list[str] = []
     limits: Limits = Limits()
     env: dict[str, str] = {}
+    for_each: Loop | None = None
+
+
+class Loop(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A for_each step's loop, resolved. `parallelism` 0: the worker's default.
+    `max_items` 0: the worker's limit alone (RUNNERD_LOOP_ITEMS_MAX)."""
+
+    items: str
+    steps: list[StepDefinition]
+    parallelism: int = 0
+    on_item_error: OnItemError = "fail"
+    retries: int = 0
+    distribute: bool = False
+    max_items: int = 0
+
+    def path(self) -> list[str]:
+        """`items` as the keys and indices it goes through (none: the whole input)."""
+        return [] if self.items == "$" else self.items.removeprefix("$.").split(".")
 
 
 class Integration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -67,6 +97,8 @@ RUNTIME_BY_SUFFIX: dict[str, Runtime] = {
     ".cjs": "node",
 }
 RETRIES_MAX = 20
+PARALLELISM_MAX = 1024
+_ITEMS_PATH = re.compile(r"\$|(\$\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
 class LimitsOverride(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -91,6 +123,17 @@ class StepFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     limits: LimitsOverride | None = None
     network: bool | None = None
     env: dict[str, str] = {}
+    for_each: LoopFile | None = None
+
+
+class LoopFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    steps: list[StepFile]
+    items: str = "$"
+    parallelism: int | None = None
+    on_item_error: OnItemError = "fail"
+    retries: int = 0
+    distribute: bool = False
+    max_items: int | None = None
 
 
 class IntegrationFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -129,6 +172,10 @@ _STRUCT_AT: dict[str, tuple[type[msgspec.Struct], str]] = {
     "$.limits": (LimitsOverride, "limits"),
     "$.steps[]": (StepFile, "a step"),
     "$.steps[].limits": (LimitsOverride, "limits"),
+    "$.steps[].for_each": (LoopFile, "a for_each loop"),
+    "$.steps[].for_each.steps[]": (StepFile, "a step"),
+    "$.steps[].for_each.steps[].limits": (LimitsOverride, "limits"),
+    "$.steps[].for_each.steps[].for_each": (LoopFile, "a for_each loop"),
 }
 _UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`(?: - at `(?P<at>[^`]+)`)?")
 _ENUM = re.compile(r"Invalid enum value (?P<value>.+?) - at `(?P<at>[^`]+)`")
@@ -164,7 +211,10 @@ def _bad_value(value: str, at: str) -> str | None:
     if struct is None:
         return None
     hint = typing.get_type_hints(struct).get(field)
-    choices = [str(v) for arg in typing.get_args(hint) or (hint,) for v in typing.get_args(arg)]
+    if typing.get_origin(hint) is Literal:  # a Literal of its own, not one inside `| None`
+        choices = [str(v) for v in typing.get_args(hint)]
+    else:
+        choices = [str(v) for arg in typing.get_args(hint) or (hint,) for v in typing.get_args(arg)]
     if not choices:
         return None
     close = difflib.get_close_matches(value.strip("'\""), choices, n=1, cutoff=0.5)
@@ -183,28 +233,84 @@ def digest(integration: Integration) -> str:
 
 
 def _resolve(spec: IntegrationFile, base: Path, where: str) -> Integration:
-    if not spec.steps:
-        raise ConfigError(f"{where}: `$.steps` must list at least one step")
     if not 0 <= spec.retries <= RETRIES_MAX:
         raise ConfigError(f"{where}: `$.retries` must be between 0 and {RETRIES_MAX}")
-    names = [step.name for step in spec.steps]
+    base_limits = _merge(Limits(), spec.limits, where, "$.limits")
+    steps = _resolve_steps(spec.steps, base, base_limits, where, "$.steps")
+    return Integration(name=spec.name, steps=steps, retries=spec.retries)
+
+
+def _resolve_steps(
+    steps: list[StepFile], base: Path, limits: Limits, where: str, at: str
+) -> list[StepDefinition]:
+    if not steps:
+        raise ConfigError(f"{where}: `{at}` must list at least one step")
+    names = [step.name for step in steps]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ConfigError(f"{where}: step names must be unique; repeated: {', '.join(duplicates)}")
-    base_limits = _merge(Limits(), spec.limits, where, "$.limits")
-    steps = [
-        _resolve_step(step, base, base_limits, where, f"$.steps[{index}]")
-        for index, step in enumerate(spec.steps)
+    return [
+        _resolve_step(step, base, limits, where, f"{at}[{index}]")
+        for index, step in enumerate(steps)
     ]
-    return Integration(name=spec.name, steps=steps, retries=spec.retries)
+
+
+def _resolve_loop(
+    step: StepFile, loop: LoopFile, base: Path, limits: Limits, where: str, at: str
+) -> StepDefinition:
+    others = [
+        field
+        for field in ("code", "source", "runtime", "exec", "limits", "network")
+        if getattr(step, field) is not None
+    ] + (["env"] if step.env else [])
+    if others:
+        raise ConfigError(
+            f"{where}: `{at}` is a for_each loop and runs no code of its own; move "
+            f"{', '.join(others)} into the steps of `{at}.for_each`"
+        )
+    at = f"{at}.for_each"
+    if not _ITEMS_PATH.fullmatch(loop.items):
+        raise ConfigError(
+            f"{where}: `{at}.items` must be `$` (the whole input) or a path of keys and "
+            f"indices such as `files` or `$.batch.files`, not {loop.items!r}"
+        )
+    if loop.parallelism is not None and not 1 <= loop.parallelism <= PARALLELISM_MAX:
+        raise ConfigError(f"{where}: `{at}.parallelism` must be between 1 and {PARALLELISM_MAX}")
+    if not 0 <= loop.retries <= RETRIES_MAX:
+        raise ConfigError(f"{where}: `{at}.retries` must be between 0 and {RETRIES_MAX}")
+    if loop.max_items is not None and loop.max_items < 1:
+        raise ConfigError(f"{where}: `{at}.max_items` must be positive")
+    for index, inner in enumerate(loop.steps):
+        if inner.for_each is not None:
+            raise ConfigError(
+                f"{where}: `{at}.steps[{index}]`: loops do not nest; run the inner loop in "
+                "a step of its own, or as an integration of its own"
+            )
+    return StepDefinition(
+        step.name,
+        "loop",
+        step.name,
+        limits=limits,
+        for_each=Loop(
+            items=loop.items,
+            steps=_resolve_steps(loop.steps, base, limits, where, f"{at}.steps"),
+            parallelism=loop.parallelism or 0,
+            on_item_error=loop.on_item_error,
+            retries=loop.retries,
+            distribute=loop.distribute,
+            max_items=loop.max_items or 0,
+        ),
+    )
 
 
 def _resolve_step(
     step: StepFile, base: Path, limits: Limits, where: str, at: str
 ) -> StepDefinition:
+    if step.for_each is not None:
+        return _resolve_loop(step, step.for_each, base, limits, where, at)
     kinds = [kind for kind in ("code", "source", "exec") if getattr(step, kind) is not None]
     if len(kinds) != 1:
-        raise ConfigError(f"{where}: `{at}` needs exactly one of code, source or exec")
+        raise ConfigError(f"{where}: `{at}` needs exactly one of code, source, exec or for_each")
     limits = _merge(limits, step.limits, where, f"{at}.limits")
     if step.network is not None:
         limits = msgspec.structs.replace(limits, network=step.network)

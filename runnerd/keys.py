@@ -79,3 +79,20 @@ class Keys:
         """Set when an operator cancels the execution: workers stop it before its next step,
         and kill the step it is running."""
         return self._execution(execution_id, "cancel")
+
+    def loop(self, execution_id: str) -> str:
+        """Hash of the execution's loops' state: per loop step k, `k:total`, `k:done`,
+        `k:failed`, and for a distributed loop `k:attempt`, `k:ended` (set once, by whoever
+        enqueues the continuation) and `k:enqueued`; `current` names the running loop step."""
+        return self._execution(execution_id, "loop")
+
+    def loop_items(self, execution_id: str, step: int, chunk: int) -> str:
+        """Hash of one chunk of a loop's items (LOOP_CHUNK of them): `r<i>` item i's
+        ItemResult, `s<i>` the worker that started it; a distributed loop's `i<i>` its input.
+        Chunked so that a loop of 10,000 large results is never one huge value."""
+        return f"{self._execution(execution_id, 'items')}:{step}:{chunk}"
+
+    def loops(self, partition: int) -> str:
+        """Sorted set of the partition's running loops (`<execution id>:<step>`, scored by
+        their start in ms), so that `runnerd status` can show their progress."""
+        return f"{self.tag(partition)}:loops"

@@ -39,24 +39,68 @@ class StepOutcome(msgspec.Struct, frozen=True):
     layers: list[str] = []
 
 
-class Execution(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Execution(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """The body of a work-stream entry. Payloads are not in here: they live under their own
-    keys, so a stream read stays small whatever the payload size."""
+    keys, so a stream read stays small whatever the payload size. Fields at their defaults
+    are left out: an entry of a plain execution reads the same to a worker that predates
+    loops."""
 
     execution_id: str
     integration: str  # content hash of the Integration
     submitted_at: float
     attempt: int = 1
     version: int = ENTRY_VERSION
+    item: ItemRef | None = None  # one item of a distributed loop
+    resumes_loop: int | None = None  # the continuation after a distributed loop at this step
+
+
+class ItemCounts(msgspec.Struct, frozen=True):
+    """A loop step's items, by how they ended. `retried`: runs of an item's steps after a
+    failure of its own (its `retries`); `rerun`: items run again because the worker running
+    them was lost; `first_failed`: the index of the item whose error the loop reports."""
+
+    total: int
+    succeeded: int = 0
+    failed: int = 0
+    skipped: int = 0  # items never run: the loop failed first (on_item_error fail)
+    retried: int = 0
+    rerun: int = 0
+    first_failed: int | None = None
 
 
 class StepReport(msgspec.Struct, frozen=True):
     """A step's outcome inside an execution result. The output is kept only when small
-    (`output_bytes` always says its size): the final output is the execution's own."""
+    (`output_bytes` always says its size): the final output is the execution's own. A loop
+    step's report counts its items; the items' own outcomes are not kept (there may be
+    thousands), bar the failure the loop reports."""
 
     name: str
     outcome: StepOutcome
     output_bytes: int = 0
+    items: ItemCounts | None = None
+
+
+class ItemResult(msgspec.Struct, frozen=True, array_like=True):
+    """One loop item's end, kept in Redis as the item's checkpoint (runnerd/loop_store.py):
+    its output (its last step's, undecoded) or its error, which attempt of the execution
+    it belongs to, and which of its steps failed."""
+
+    ok: bool
+    output: msgspec.Raw = NIL
+    error: StepError | None = None
+    failed_step: str = ""
+    attempt: int = 1
+    runs: int = 1  # how often its steps were started (1 + its own retries)
+
+
+class ItemRef(msgspec.Struct, frozen=True, array_like=True):
+    """On a work-stream entry: this entry runs one item of a distributed loop (step `step` of
+    the execution), not the execution itself. `partition` is the execution's: the item's data
+    and the loop's state live there, whatever stream the item was put on."""
+
+    partition: int
+    step: int
+    index: int
 
 
 class Checkpoint(msgspec.Struct, frozen=True):
@@ -98,3 +142,4 @@ execution_decoder = msgspec.msgpack.Decoder(Execution)
 checkpoint_decoder = msgspec.msgpack.Decoder(Checkpoint)
 result_decoder = msgspec.msgpack.Decoder(ExecutionResult)
 completion_decoder = msgspec.msgpack.Decoder(Completion)
+item_result_decoder = msgspec.msgpack.Decoder(ItemResult)

@@ -53,6 +53,9 @@ FINAL_STATUSES = ("succeeded", "failed", "dead", "cancelled")
 KILL_REASONS = {"timeout": "timeout", "memory": "memory", "cpu": "cpu", "output_limit": "output"}
 
 
+LOOP_ITEM_RESULTS = ("succeeded", "failed", "retried", "rerun")
+
+
 class Metrics:
     def __init__(self, integration_label: bool = False) -> None:
         """`integration_label` adds the integration's name as a label of the executions
@@ -156,6 +159,15 @@ class Metrics:
         self.retried = Counter(
             "runnerd_retried", "Executions parked for a retry after a failed step.", registry=r
         )
+        self.loop_items = Counter(
+            "runnerd_loop_items",
+            "Loop items ended on this worker, by result (succeeded, failed), and item runs "
+            "repeated (retried: the item's own retries; rerun: its worker was lost).",
+            ["result"],
+            registry=r,
+        )
+        for result in LOOP_ITEM_RESULTS:
+            self.loop_items.labels(result)
         self.redis_errors = Counter(
             "runnerd_redis_errors",
             "Redis operations that failed (each is retried).",

@@ -77,6 +77,12 @@ async def status(args: argparse.Namespace, settings: Settings) -> int:
         lines += ["", *_table(workers)]
     else:
         lines += ["", "no live worker (none announced itself in the last 15 s)"]
+    if state.loops:
+        loops = [["LOOP OF EXECUTION", "STEP", "ITEMS DONE", "FAILED"]]
+        for loop in state.loops:
+            done = f"{loop.done}/{loop.total}"
+            loops.append([loop.execution_id, loop.step, done, str(loop.failed)])
+        lines += ["", *_table(loops)]
     t = state.totals()
     lines += [
         "",

@@ -13,10 +13,12 @@ import msgspec
 from redis.exceptions import ResponseError
 
 from runnerd.keys import GROUP, Keys
+from runnerd.loop_store import LoopStore
 from runnerd.registry import WorkerInfo, live_workers
 from runnerd.store import RedisClient
 
 CONSUMER_RECENT_MS = 30_000
+LOOPS_SHOWN = 20
 
 
 class PartitionState(msgspec.Struct, frozen=True):
@@ -29,9 +31,18 @@ class PartitionState(msgspec.Struct, frozen=True):
     consumers: int  # the group's consumers, live or not yet forgotten
 
 
+class LoopProgress(msgspec.Struct, frozen=True):
+    execution_id: str
+    step: str
+    done: int
+    total: int
+    failed: int
+
+
 class QueueState(msgspec.Struct, frozen=True):
     partitions: list[PartitionState]
     workers: list[WorkerInfo]
+    loops: list[LoopProgress] = []  # running loops, the oldest LOOPS_SHOWN of each partition
 
     def totals(self) -> dict[str, Any]:
         parts, workers = self.partitions, self.workers
@@ -51,7 +62,13 @@ class QueueState(msgspec.Struct, frozen=True):
 async def read(redis: RedisClient, keys: Keys) -> QueueState:
     now_ms = time.time() * 1000
     partitions = [await read_partition(redis, keys, p, now_ms) for p in range(keys.partitions)]
-    return QueueState(partitions, await live_workers(redis, keys))
+    store = LoopStore(redis, keys, 0)
+    loops = [
+        LoopProgress(execution_id, state.step, state.done, state.total, state.failed)
+        for p in range(keys.partitions)
+        for execution_id, state in await store.running(p, LOOPS_SHOWN)
+    ]
+    return QueueState(partitions, await live_workers(redis, keys), loops)
 
 
 async def read_partition(

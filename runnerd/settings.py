@@ -44,6 +44,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pool_size: int = 2
     node_path: str = ""
     node_fork: bool = True
+    loop_items_max: int = 10_000
 
 
 SETTINGS_HELP: dict[str, str] = {
@@ -77,6 +78,7 @@ SETTINGS_HELP: dict[str, str] = {
     "pool_size": "warm, already-confined children kept per runtime (0: spawn on demand)",
     "node_path": "the node binary for JavaScript steps",
     "node_fork": "fork JavaScript steps from a warm node zygote (false: start a node per step)",
+    "loop_items_max": "most items a for_each loop may have (a loop's max_items may only lower it)",
 }
 
 
@@ -143,6 +145,7 @@ def _validate(settings: Settings) -> Settings:
         "max_deliveries",
         "retry_base_s",
         "retry_max_s",
+        "loop_items_max",
     ):
         if getattr(settings, field) <= 0:
             raise ConfigError(f"{env_name(field)}: must be positive")

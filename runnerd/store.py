@@ -93,6 +93,12 @@ end
 return 1
 """
 
+_ACK = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+
 _GIVE_BACK = """
 redis.call('XADD', KEYS[1], '*', 'e', ARGV[3])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
@@ -157,6 +163,7 @@ class Store:
         self._promote_due = redis.register_script(_PROMOTE_DUE)
         self._dead_letter = redis.register_script(_DEAD_LETTER)
         self._give_back = redis.register_script(_GIVE_BACK)
+        self._ack = redis.register_script(_ACK)
         self._give_back_pending = redis.register_script(_GIVE_BACK_PENDING)
         self._leave_group = redis.register_script(_LEAVE_GROUP)
 
@@ -373,6 +380,11 @@ class Store:
             encoded = encoder.encode(result)
             args += [encoded, self.result_ttl_ms, *announcement(result, encoded)]
         await self._dead_letter(keys=keys, args=args)
+
+    async def ack(self, entry: Entry) -> None:
+        """Done with an entry that ends nothing by itself: an execution that went on as a
+        distributed loop's items, or one item of such a loop."""
+        await self._ack(keys=[self.keys.work(entry.partition)], args=[GROUP, entry.entry_id])
 
     async def give_back(self, entry: Entry) -> None:
         """Hand an unfinished entry back to the group at once (drain); its checkpoint stays."""

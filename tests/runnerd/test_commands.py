@@ -176,7 +176,10 @@ BAD_FILES = {
         lambda spec: {key: value for key, value in spec.items() if key != "name"},
         "`name`",
     ),
-    "code and exec": (both_code_and_exec, "`$.steps[0]` needs exactly one of code, source or exec"),
+    "code and exec": (
+        both_code_and_exec,
+        "`$.steps[0]` needs exactly one of code, source, exec or for_each",
+    ),
     "unreadable code": (
         lambda spec: {**spec, "steps": [{"name": "x", "code": "missing.py"}]},
         "`$.steps[0].code`: cannot read",
