@@ -41,6 +41,7 @@ from runnerd.executor import Ending, Executor, RetryPolicy
 from runnerd.keys import Keys
 from runnerd.messages import execution_decoder
 from runnerd.metrics import Metrics
+from runnerd.secret_source import SecretSource
 from runnerd.settings import Settings
 from runnerd.spawner import Spawner
 from runnerd.store import Entry, RedisClient, Store
@@ -88,7 +89,12 @@ class Capacity:
 
 class Worker:
     def __init__(
-        self, config: Settings, redis: RedisClient, spawner: Spawner, metrics: Metrics
+        self,
+        config: Settings,
+        redis: RedisClient,
+        spawner: Spawner,
+        metrics: Metrics,
+        secrets: SecretSource | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -106,6 +112,7 @@ class Worker:
             config.max_deliveries,
             DEAD_LETTER_MAX_LEN,
             metrics,
+            secrets,
         )
         self.capacity = Capacity(config.concurrency)
         self.in_flight: dict[tuple[int, bytes], tuple[Entry, asyncio.Task[None]]] = {}
@@ -120,7 +127,7 @@ class Worker:
         metrics.set_in_flight(0, config.concurrency)
 
     @classmethod
-    async def start(cls, config: Settings) -> Worker:
+    async def start(cls, config: Settings, secrets: SecretSource | None = None) -> Worker:
         metrics = Metrics(config.metrics_integration_label)
         redis = await open_redis(config.redis_url)
         try:
@@ -130,7 +137,7 @@ class Worker:
         except BaseException:
             await redis.aclose()
             raise
-        worker = cls(config, redis, spawner, metrics)
+        worker = cls(config, redis, spawner, metrics, secrets)
         try:
             await worker.store.ensure_groups(worker.worker_id)
             for warning in await worker.store.durability_warnings():

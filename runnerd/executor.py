@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import msgspec
 
 from runnerd.cancel import cancelled_result
+from runnerd.masking import mask_outcome
 from runnerd.messages import (
     ENTRY_VERSION,
     Checkpoint,
@@ -33,13 +34,16 @@ from runnerd.messages import (
     execution_decoder,
 )
 from runnerd.metrics import DeadReason, Metrics
+from runnerd.secret_source import SecretSource
 from runnerd.spawner import Spawner, StepSpec
 from runnerd.store import Entry, Store
 from sandbox.protocol import NIL, StepContext, StepError
 
 log = logging.getLogger("runnerd.executor")
 STEP_OUTPUT_KEPT_MAX = 64 * 1024  # per-step outputs in a result are kept only when this small
-NOT_RETRIED = frozenset({"fatal"})  # step error types that fail an execution at once
+# Step error types that fail an execution at once: a retry on this worker or another (they
+# share one task definition) finds the same secrets and the same allowlist.
+NOT_RETRIED = frozenset({"fatal", "secret"})
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,10 @@ class Executor:
         max_deliveries: int,
         dead_letter_max_len: int,
         metrics: Metrics,
+        secrets: SecretSource | None = None,
     ) -> None:
         self.metrics = metrics
+        self.secrets = secrets or SecretSource()  # none: every reference is refused
         self.store = store
         self.spawner = spawner
         self.worker_id = worker_id
@@ -180,8 +186,9 @@ class Executor:
                     first_run = False
                     waited_s = time.time() - execution.submitted_at  # the client's clock
                     self.metrics.queue_wait.observe(max(0.0, waited_s))
-                spec = _spec(step, payload_raw, execution_id, attempt)
-                outcome = await self._step(execution_id, spec)
+                outcome = await self._secret_step(
+                    execution_id, integration.name, step, payload_raw, attempt
+                )
             if outcome is None:  # cancelled before or during this step
                 if pending_save is not None:
                     await pending_save  # else it could write the checkpoint after the cleanup
@@ -228,6 +235,25 @@ class Executor:
         result = self._result(execution, "succeeded", payload_raw, reports, attempt, started)
         await self.store.complete(entry, result)
         return Ending("succeeded", integration.name)
+
+    async def _secret_step(
+        self,
+        execution_id: str,
+        integration: str,
+        step: StepDefinition,
+        payload: msgspec.Raw,
+        attempt: int,
+    ) -> StepOutcome | None:
+        """The step run with its secrets resolved, and its outcome masked before anything
+        (checkpoint, result, next step, log) sees it; a secret it cannot have fails it unrun."""
+        resolved = self.secrets.resolve(integration, step.env)
+        if isinstance(resolved, StepError):
+            return StepOutcome(ok=False, error=resolved)
+        spec = _spec(step, payload, execution_id, attempt, resolved.env)
+        outcome = await self._step(execution_id, spec)
+        if outcome is None or not resolved.values:
+            return outcome
+        return mask_outcome(outcome, resolved.values.values())
 
     async def _step(self, execution_id: str, spec: StepSpec) -> StepOutcome | None:
         """The step's outcome; None when an operator's cancel stopped it. The step runs as a
@@ -371,7 +397,9 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-def _spec(step: StepDefinition, payload: msgspec.Raw, execution_id: str, attempt: int) -> StepSpec:
+def _spec(
+    step: StepDefinition, payload: msgspec.Raw, execution_id: str, attempt: int, env: dict[str, str]
+) -> StepSpec:
     return StepSpec(
         runtime=step.runtime,
         filename=step.filename,
@@ -379,7 +407,7 @@ def _spec(step: StepDefinition, payload: msgspec.Raw, execution_id: str, attempt
         input=payload,
         limits=step.limits,
         argv=tuple(step.argv),
-        env=step.env,
+        env=env,
         context=StepContext(execution_id, step.name, attempt),
     )
 
