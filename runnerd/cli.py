@@ -32,6 +32,7 @@ from runnerd import settings as settings_module
 from runnerd.errors import ConfigError, RunnerdError, UsageError
 from runnerd.outcomes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from runnerd.run_step import RUNTIMES as RUNTIMES
+from runnerd.secret_source import ENV_PREFIX, SecretSource
 from runnerd.settings import SETTINGS_HELP, Settings, env_name
 from runnerd.spawner import Spawner
 from runnerd.zygote_link import SandboxOptions
@@ -62,7 +63,15 @@ WORKER = (
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "run-step": (*SANDBOX, *NODE),
     "doctor": (*SANDBOX, *NODE),
-    "serve": ("redis_url", *WORKER, "http_port", "http_host", "metrics_integration_label"),
+    "serve": (
+        "redis_url",
+        *WORKER,
+        "http_port",
+        "http_host",
+        "metrics_integration_label",
+        "secrets_dir",
+        "secrets_allow",
+    ),
     "submit": CLIENT,
     "result": (*CLIENT, "result_ttl_s"),
     "status": CLIENT,
@@ -278,6 +287,18 @@ def _settings_from(args: argparse.Namespace, environ: dict[str, str]) -> Setting
     return settings_module.load(environ, overrides)
 
 
+def _take_secrets(args: argparse.Namespace, environ: dict[str, str], settings: Settings) -> None:
+    """For `serve`: the worker's secrets (RUNNERD_SECRET_*, RUNNERD_SECRETS_DIR) as its
+    SecretSource, `args.secrets`; a bad name or allowlist is a ConfigError before anything
+    starts. From here only that object holds them: no process this one starts (an embedded
+    Redis, the compiler of the node addon) inherits the variables."""
+    if args.command != "serve":
+        return
+    args.secrets = SecretSource.load(environ, settings.secrets_dir, settings.secrets_allow)
+    for variable in [name for name in os.environ if name.startswith(ENV_PREFIX)]:
+        del os.environ[variable]
+
+
 # --- doctor ------------------------------------------------------------------------------------
 
 
@@ -373,7 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "dead-letters: a subcommand is needed: list, show, replay, purge "
                 "(runnerd dead-letters --help says more)"
             )
-        settings = _settings_from(args, dict(os.environ))
+        environ = dict(os.environ)
+        settings = _settings_from(args, environ)
+        _take_secrets(args, environ, settings)
         if args.command == "run-step":
             return run_step.command(args, exec_argv, settings, _run)
         if args.command == "doctor":

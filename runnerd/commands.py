@@ -34,6 +34,7 @@ from runnerd.outcomes import (
     read_json_lines,
     write_stdout,
 )
+from runnerd.secret_source import SecretSource
 from runnerd.settings import Settings
 
 DEMO = Path(__file__).resolve().parent / "demo" / "integration.json"
@@ -48,8 +49,10 @@ async def redis_url_for(settings: Settings, embedded: bool) -> AsyncIterator[str
         yield redis.url
 
 
-async def start_worker(settings: Settings, redis_url: str) -> Worker:
-    worker = await Worker.start(msgspec.structs.replace(settings, redis_url=redis_url))
+async def start_worker(
+    settings: Settings, redis_url: str, secrets: SecretSource | None = None
+) -> Worker:
+    worker = await Worker.start(msgspec.structs.replace(settings, redis_url=redis_url), secrets)
     refusal = check_required_layers(settings, worker.spawner.capabilities)
     if refusal is not None:
         await worker.close()
@@ -63,7 +66,7 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
         if args.embedded_redis:
             hint = f"submit with: REDIS_URL={url} runnerd submit ..."
             print(f"runnerd: embedded Redis at {url} — {hint}", file=sys.stderr)
-        worker = await start_worker(settings, url)
+        worker = await start_worker(settings, url, getattr(args, "secrets", None))
         try:
             await worker.serve()
         finally:

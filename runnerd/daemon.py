@@ -42,6 +42,7 @@ from runnerd.executor import Ending, Executor, RetryPolicy
 from runnerd.keys import Keys
 from runnerd.messages import execution_decoder
 from runnerd.metrics import Metrics
+from runnerd.secret_source import SecretSource
 from runnerd.settings import Settings
 from runnerd.spawner import Spawner
 from runnerd.store import Entry, RedisClient, Store
@@ -62,7 +63,12 @@ ANNOUNCE_INTERVAL_S = 5.0  # registry: readers keep workers seen within 15 s, th
 
 class Worker:
     def __init__(
-        self, config: Settings, redis: RedisClient, spawner: Spawner, metrics: Metrics
+        self,
+        config: Settings,
+        redis: RedisClient,
+        spawner: Spawner,
+        metrics: Metrics,
+        secrets: SecretSource | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -83,6 +89,7 @@ class Worker:
             metrics,
             self.capacity,
             config.loop_items_max,
+            secrets,
         )
         self.in_flight: dict[tuple[int, bytes], tuple[Entry, asyncio.Task[None]]] = {}
         self.stopping = asyncio.Event()
@@ -96,7 +103,7 @@ class Worker:
         metrics.set_in_flight(0, config.concurrency)
 
     @classmethod
-    async def start(cls, config: Settings) -> Worker:
+    async def start(cls, config: Settings, secrets: SecretSource | None = None) -> Worker:
         metrics = Metrics(config.metrics_integration_label)
         redis = await open_redis(config.redis_url)
         try:
@@ -106,7 +113,7 @@ class Worker:
         except BaseException:
             await redis.aclose()
             raise
-        worker = cls(config, redis, spawner, metrics)
+        worker = cls(config, redis, spawner, metrics, secrets)
         try:
             await worker.store.ensure_groups(worker.worker_id)
             for warning in await worker.store.durability_warnings():

@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import msgspec
@@ -26,6 +27,7 @@ from runnerd.capacity import Capacity
 from runnerd.loop_fanout import Fanout
 from runnerd.loop_runner import LoopRunner
 from runnerd.loop_store import LoopStore
+from runnerd.masking import mask_outcome
 from runnerd.messages import (
     ENTRY_VERSION,
     Checkpoint,
@@ -40,6 +42,7 @@ from runnerd.messages import (
     execution_decoder,
 )
 from runnerd.metrics import DeadReason, Metrics
+from runnerd.secret_source import SecretSource
 from runnerd.spawner import Spawner, StepSpec
 from runnerd.store import Entry, Store
 from sandbox.protocol import NIL, StepContext, StepError
@@ -49,7 +52,9 @@ LOOP_ITEMS_MAX = 10_000
 T = TypeVar("T")
 log = logging.getLogger("runnerd.executor")
 STEP_OUTPUT_KEPT_MAX = 64 * 1024  # per-step outputs in a result are kept only when this small
-NOT_RETRIED = frozenset({"fatal"})  # step error types that fail an execution at once
+# Step error types that fail an execution at once: a retry on this worker or another (they
+# share one task definition) finds the same secrets and the same allowlist.
+NOT_RETRIED = frozenset({"fatal", "secret"})
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,10 @@ class Executor:
         metrics: Metrics,
         capacity: Capacity | None = None,
         loop_items_max: int = LOOP_ITEMS_MAX,
+        secrets: SecretSource | None = None,
     ) -> None:
         self.metrics = metrics
+        self.secrets = secrets or SecretSource()  # none: every reference is refused
         self.store = store
         self.spawner = spawner
         self.worker_id = worker_id
@@ -211,8 +218,9 @@ class Executor:
                     waited_s = time.time() - execution.submitted_at  # the client's clock
                     self.metrics.queue_wait.observe(max(0.0, waited_s))
                 ran = await self._one_step(
-                    entry, execution, index, step, payload_raw, attempt, reports, pending_save
-                )
+                    entry, execution, integration.name, index, step, payload_raw, attempt,
+                    reports, pending_save,
+                )  # fmt: skip
                 if isinstance(ran, int):  # went on as a distributed loop's items
                     return Ending(None, integration.name, items=ran)
                 outcome, counts = ran
@@ -269,13 +277,22 @@ class Executor:
         return Ending("succeeded", integration.name)
 
     async def _run_step(
-        self, step: StepDefinition, payload: msgspec.Raw, context: StepContext
+        self, integration: str, step: StepDefinition, payload: msgspec.Raw, context: StepContext
     ) -> StepOutcome:
-        """Run one step in a fresh child: a step of the integration, or of a loop's item."""
-        return await self.spawner.run_step(_spec(step, payload, context))
+        """Run one step in a fresh child (a step of the integration, or of a loop's item) with
+        its secrets resolved, and its outcome masked before anything (checkpoint, item result,
+        result, next step, log) sees it; a secret it cannot have fails it unrun."""
+        resolved = self.secrets.resolve(integration, step.env)
+        if isinstance(resolved, StepError):
+            return StepOutcome(ok=False, error=resolved)
+        outcome = await self.spawner.run_step(_spec(step, payload, context, resolved.env))
+        if not resolved.values:
+            return outcome
+        return mask_outcome(outcome, resolved.values.values())
 
     async def _loop(
         self,
+        integration: str,
         execution_id: str,
         index: int,
         step: StepDefinition,
@@ -284,7 +301,7 @@ class Executor:
     ) -> tuple[StepOutcome, ItemCounts]:
         started = time.perf_counter()
         outcome, counts = await self.loops.run(
-            execution_id, index, step, payload, attempt, self._run_step
+            execution_id, index, step, payload, attempt, partial(self._run_step, integration)
         )
         return msgspec.structs.replace(outcome, duration_s=time.perf_counter() - started), counts
 
@@ -292,6 +309,7 @@ class Executor:
         self,
         entry: Entry,
         execution: Execution,
+        integration: str,
         index: int,
         step: StepDefinition,
         payload: msgspec.Raw,
@@ -303,16 +321,19 @@ class Executor:
         items a distributed loop handed to the streams."""
         if step.for_each is None:
             context = StepContext(execution.execution_id, step.name, attempt)
-            work = self._run_step(step, payload, context)
+            work = self._run_step(integration, step, payload, context)
             return await self._step(execution.execution_id, work), None
         if step.for_each.distribute and pending_save is not None:
             await pending_save  # the fan-out writes the checkpoint after it
-        return await self._loop_step(entry, execution, index, step, payload, attempt, reports)
+        return await self._loop_step(
+            entry, execution, integration, index, step, payload, attempt, reports
+        )
 
     async def _loop_step(
         self,
         entry: Entry,
         execution: Execution,
+        integration: str,
         index: int,
         step: StepDefinition,
         payload: msgspec.Raw,
@@ -326,7 +347,7 @@ class Executor:
         assert step.for_each is not None
         if not step.for_each.distribute:
             ran = await self._step(
-                execution_id, self._loop(execution_id, index, step, payload, attempt)
+                execution_id, self._loop(integration, execution_id, index, step, payload, attempt)
             )
             return ran if ran is not None else (None, None)
         if execution.resumes_loop == index:
@@ -342,7 +363,8 @@ class Executor:
         if execution.item.step >= len(integration.steps):
             reason = f"loop item of step {execution.item.step}, which the integration lacks"
             return await self._dead(entry, None, "integration_invalid", reason)
-        result = await self.fanout.run_item(entry, execution, integration, self._run_step)
+        run_step = partial(self._run_step, integration.name)
+        result = await self.fanout.run_item(entry, execution, integration, run_step)
         step = integration.steps[execution.item.step].name
         if result is None:
             return Ending(None, integration.name, item_of=step)
@@ -502,7 +524,9 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-def _spec(step: StepDefinition, payload: msgspec.Raw, context: StepContext) -> StepSpec:
+def _spec(
+    step: StepDefinition, payload: msgspec.Raw, context: StepContext, env: dict[str, str]
+) -> StepSpec:
     assert step.runtime != "loop", "a loop step runs no code of its own"
     return StepSpec(
         runtime=step.runtime,
@@ -511,7 +535,7 @@ def _spec(step: StepDefinition, payload: msgspec.Raw, context: StepContext) -> S
         input=payload,
         limits=step.limits,
         argv=tuple(step.argv),
-        env=step.env,
+        env=env,
         context=context,
     )
 

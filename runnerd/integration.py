@@ -36,6 +36,7 @@ from typing import Any, Literal
 import msgspec
 
 from runnerd.errors import ConfigError
+from runnerd.secret_source import SecretRef, name_error
 from sandbox.protocol import Limits, Runtime
 
 _encoder = msgspec.msgpack.Encoder()
@@ -52,7 +53,7 @@ class StepDefinition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     source: str = ""
     argv: list[str] = []
     limits: Limits = Limits()
-    env: dict[str, str] = {}
+    env: dict[str, str | SecretRef] = {}  # a SecretRef is resolved by the worker (secret_source.py)
     for_each: Loop | None = None
 
 
@@ -122,7 +123,7 @@ class StepFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     exec: list[str] | None = None
     limits: LimitsOverride | None = None
     network: bool | None = None
-    env: dict[str, str] = {}
+    env: dict[str, str | SecretRef] = {}
     for_each: LoopFile | None = None
 
 
@@ -176,10 +177,12 @@ _STRUCT_AT: dict[str, tuple[type[msgspec.Struct], str]] = {
     "$.steps[].for_each.steps[]": (StepFile, "a step"),
     "$.steps[].for_each.steps[].limits": (LimitsOverride, "limits"),
     "$.steps[].for_each.steps[].for_each": (LoopFile, "a for_each loop"),
+    "$.steps[].env[...]": (SecretRef, "a secret reference"),
 }
 _UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`(?: - at `(?P<at>[^`]+)`)?")
 _ENUM = re.compile(r"Invalid enum value (?P<value>.+?) - at `(?P<at>[^`]+)`")
 _BYTE = re.compile(r"\(byte (?P<offset>\d+)\)")
+_ENV_VALUE = re.compile(r"Expected `str \| object`, got `(?P<got>\w+)` - at `(?P<at>[^`]+)`")
 
 
 def explain(message: str, text: bytes | None = None) -> str:
@@ -187,6 +190,9 @@ def explain(message: str, text: bytes | None = None) -> str:
     field takes, and a line and column for a byte offset."""
     if found := _UNKNOWN.fullmatch(message):
         return _unknown_field(found["field"], found["at"] or "$")
+    if found := _ENV_VALUE.fullmatch(message):
+        got = found["got"]
+        return f'`{found["at"]}`: an env value is a string or {{"secret": NAME}}, not {got}'
     if found := _ENUM.fullmatch(message):
         return _bad_value(found["value"], found["at"]) or message
     if text is not None and (found := _BYTE.search(message)):
@@ -312,6 +318,7 @@ def _resolve_step(
     if len(kinds) != 1:
         raise ConfigError(f"{where}: `{at}` needs exactly one of code, source, exec or for_each")
     limits = _merge(limits, step.limits, where, f"{at}.limits")
+    _check_secret_names(step, where, at)
     if step.network is not None:
         limits = msgspec.structs.replace(limits, network=step.network)
     if step.exec is not None:
@@ -345,6 +352,12 @@ def _resolve_step(
     return StepDefinition(
         step.name, runtime, code_path.name, source=source, limits=limits, env=step.env
     )
+
+
+def _check_secret_names(step: StepFile, where: str, at: str) -> None:
+    for variable, value in step.env.items():
+        if isinstance(value, SecretRef) and (problem := name_error(value.secret)) is not None:
+            raise ConfigError(f"{where}: `{at}.env.{variable}.secret`: {problem}")
 
 
 _PYTHON_RUN = re.compile(r"^[ \t]*(async\s+)?def\s+run\s*\(", re.MULTILINE)

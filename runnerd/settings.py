@@ -15,6 +15,7 @@ from typing import Any, Literal
 import msgspec
 
 from runnerd.errors import ConfigError
+from runnerd.secret_source import parse_allowlist
 from sandbox.layers import ALL_LAYERS
 
 SandboxMode = Literal["strict", "best-effort"]
@@ -45,6 +46,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     node_path: str = ""
     node_fork: bool = True
     loop_items_max: int = 10_000
+    secrets_dir: str = ""
+    secrets_allow: str = ""
 
 
 SETTINGS_HELP: dict[str, str] = {
@@ -79,6 +82,10 @@ SETTINGS_HELP: dict[str, str] = {
     "node_path": "the node binary for JavaScript steps",
     "node_fork": "fork JavaScript steps from a warm node zygote (false: start a node per step)",
     "loop_items_max": "most items a for_each loop may have (a loop's max_items may only lower it)",
+    "secrets_dir": "directory of secret files (file name = secret name) that steps may name "
+    'with {"secret": NAME}; RUNNERD_SECRET_<NAME> variables are the other source',
+    "secrets_allow": "which integrations may use which secrets: INTEGRATION=SECRET,...;... "
+    "(`*` a wildcard on either side); empty: none may",
 }
 
 
@@ -160,5 +167,6 @@ def _validate(settings: Settings) -> Settings:
             f"{env_name('sandbox_slots')}: must be at least concurrency + 2 x pool_size "
             f"({settings.concurrency + 2 * settings.pool_size})"
         )
+    parse_allowlist(settings.secrets_allow, env_name("secrets_allow"))
     node = settings.node_path or shutil.which("node", path=os.environ.get("PATH")) or ""
     return msgspec.structs.replace(settings, node_path=node)

@@ -39,6 +39,7 @@ ErrorType = Literal[
     "protocol",
     "sandbox",
     "cancelled",  # set by runnerd, never by a child: an operator cancelled the execution
+    "secret",  # set by runnerd, never by a child: a secret the step names cannot be given it
 ]
 
 T = TypeVar("T")

@@ -18,6 +18,7 @@ import yaml
 from botocore.validate import ParamValidator
 
 from runnerd import emf
+from runnerd.secret_source import ENV_PREFIX, SecretSource, parse_allowlist
 from runnerd.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,8 +69,26 @@ def test_task_definition_is_a_valid_fargate_task() -> None:
     container = _container()
     assert container["linuxParameters"]["initProcessEnabled"] is True
     assert container["logConfiguration"]["logDriver"] == "awslogs"
-    assert {s["name"] for s in container["secrets"]} == {"REDIS_URL"}  # never in plain env
-    assert "REDIS_URL" not in _env()
+    names = {s["name"] for s in container["secrets"]}
+    assert "REDIS_URL" in names and "REDIS_URL" not in _env()  # never in plain env
+    assert not any(name.startswith(ENV_PREFIX) for name in _env())
+
+
+def test_task_definition_secrets_are_valid_and_allowed() -> None:
+    """Every step secret the task gets has a valid name, and the allowlist gives each one to
+    some integration (a secret no integration may use is a mistake in the file)."""
+    allowlist = parse_allowlist(_env()["RUNNERD_SECRETS_ALLOW"])
+    secrets = SecretSource.load(
+        {s["name"]: "from-aws" for s in _container()["secrets"]}, "", ""
+    )  # names checked as the worker checks them at start
+    assert secrets
+    names = [s["name"] for s in _container()["secrets"]]
+    step_secrets = [name[len(ENV_PREFIX) :] for name in names if name.startswith(ENV_PREFIX)]
+    assert set(step_secrets) == {"ACME_API_TOKEN", "ACME_SFTP_PASSWORD", "GLOBEX_WEBHOOK_KEY"}
+    for name in step_secrets:
+        owner = name.split("_")[0].lower()
+        assert allowlist.allows(f"{owner}-orders", name), name
+        assert not allowlist.allows("other-orders", name), name
 
 
 def test_task_definition_agrees_with_the_dockerfile_and_settings() -> None:
