@@ -381,6 +381,7 @@ def _spec(step: StepDefinition, payload: msgspec.Raw, execution_id: str, attempt
         argv=tuple(step.argv),
         env=step.env,
         context=StepContext(execution_id, step.name, attempt),
+        bundle=step.bundle,
     )
 
 

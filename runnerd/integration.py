@@ -25,6 +25,8 @@ from typing import Any
 
 import msgspec
 
+from runnerd import bundle_spec
+from runnerd.bundle_spec import Dependencies
 from runnerd.errors import ConfigError
 from sandbox.protocol import Limits, Runtime
 
@@ -41,6 +43,7 @@ class StepDefinition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     argv: list[str] = []
     limits: Limits = Limits()
     env: dict[str, str] = {}
+    bundle: str = ""  # the id of its dependency bundle (runnerd/bundle_spec.py), never its files
 
 
 class Integration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -91,6 +94,7 @@ class StepFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     limits: LimitsOverride | None = None
     network: bool | None = None
     env: dict[str, str] = {}
+    dependencies: Dependencies | None = None
 
 
 class IntegrationFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -98,6 +102,7 @@ class IntegrationFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     steps: list[StepFile]
     retries: int = 0
     limits: LimitsOverride | None = None
+    dependencies: Dependencies | None = None
 
 
 def load(path: str | Path) -> Integration:
@@ -129,6 +134,8 @@ _STRUCT_AT: dict[str, tuple[type[msgspec.Struct], str]] = {
     "$.limits": (LimitsOverride, "limits"),
     "$.steps[]": (StepFile, "a step"),
     "$.steps[].limits": (LimitsOverride, "limits"),
+    "$.dependencies": (Dependencies, "dependencies"),
+    "$.steps[].dependencies": (Dependencies, "dependencies"),
 }
 _UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`(?: - at `(?P<at>[^`]+)`)?")
 _ENUM = re.compile(r"Invalid enum value (?P<value>.+?) - at `(?P<at>[^`]+)`")
@@ -196,7 +203,27 @@ def _resolve(spec: IntegrationFile, base: Path, where: str) -> Integration:
         _resolve_step(step, base, base_limits, where, f"$.steps[{index}]")
         for index, step in enumerate(spec.steps)
     ]
+    bundles = bundle_specs(spec, base, where)
+    steps = [msgspec.structs.replace(s, bundle=bundles.get(s.name, "")) for s in steps]
     return Integration(name=spec.name, steps=steps, retries=spec.retries)
+
+
+def bundle_specs(spec: IntegrationFile, base: Path, where: str) -> dict[str, str]:
+    """Step name -> the id of its bundle: its own dependencies, else the integration's
+    (exec steps get none). What `runnerd bundle build` installs comes from the same reading."""
+    return {name: found.id for name, found in declared_bundles(spec, base, where).items()}
+
+
+def declared_bundles(
+    spec: IntegrationFile, base: Path, where: str
+) -> dict[str, bundle_spec.BundleSpec]:
+    shared = bundle_spec.resolve(spec.dependencies, base, where, "$.dependencies")
+    found = {}
+    for index, step in enumerate(spec.steps):
+        own = bundle_spec.resolve(step.dependencies, base, where, f"$.steps[{index}].dependencies")
+        if step.exec is None and (own or shared):
+            found[step.name] = own or shared
+    return {name: value for name, value in found.items() if value is not None}
 
 
 def _resolve_step(

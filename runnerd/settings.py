@@ -44,6 +44,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pool_size: int = 2
     node_path: str = ""
     node_fork: bool = True
+    bundle_cache_dir: str = "/var/cache/runnerd/bundles"
+    bundle_cache_mb: int = 2048
+    bundle_max_mb: int = 256
 
 
 SETTINGS_HELP: dict[str, str] = {
@@ -77,6 +80,10 @@ SETTINGS_HELP: dict[str, str] = {
     "pool_size": "warm, already-confined children kept per runtime (0: spawn on demand)",
     "node_path": "the node binary for JavaScript steps",
     "node_fork": "fork JavaScript steps from a warm node zygote (false: start a node per step)",
+    "bundle_cache_dir": "where this worker keeps unpacked dependency bundles (root's; steps "
+    "read them, never write them); may be shared by the workers of one host",
+    "bundle_cache_mb": "size of the bundle cache; past it the least recently used bundles go",
+    "bundle_max_mb": "largest bundle, packed or unpacked, that is built or fetched",
 }
 
 
@@ -143,6 +150,8 @@ def _validate(settings: Settings) -> Settings:
         "max_deliveries",
         "retry_base_s",
         "retry_max_s",
+        "bundle_cache_mb",
+        "bundle_max_mb",
     ):
         if getattr(settings, field) <= 0:
             raise ConfigError(f"{env_name(field)}: must be positive")
@@ -157,5 +166,7 @@ def _validate(settings: Settings) -> Settings:
             f"{env_name('sandbox_slots')}: must be at least concurrency + 2 x pool_size "
             f"({settings.concurrency + 2 * settings.pool_size})"
         )
+    if not os.path.isabs(settings.bundle_cache_dir):
+        raise ConfigError(f"{env_name('bundle_cache_dir')}: must be an absolute path")
     node = settings.node_path or shutil.which("node", path=os.environ.get("PATH")) or ""
     return msgspec.structs.replace(settings, node_path=node)

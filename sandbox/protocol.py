@@ -39,6 +39,7 @@ ErrorType = Literal[
     "protocol",
     "sandbox",
     "cancelled",  # set by runnerd, never by a child: an operator cancelled the execution
+    "bundle",  # set by runnerd: the step's dependency bundle could not be fetched or unpacked
 ]
 
 T = TypeVar("T")
@@ -180,6 +181,9 @@ class StepRequest(msgspec.Struct, tag="request", frozen=True):
     code_cache: bytes | None = None
     want_code_cache: bool = False
     output_max: int = 128 * 1024 * 1024
+    # The step's dependency bundle as the step sees it (read-only), "" for none: Python puts
+    # `<bundle>/python` on sys.path, JavaScript resolves require() in `<bundle>/node_modules`.
+    bundle: str = ""
     # Last, so that a large input can follow the rest of its frame uncopied (frame_buffers).
     input: msgspec.Raw = NIL
 
