@@ -8,7 +8,18 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from bench import chain, compare, js, openloop, payload, scale, spawn, throughput, waits
+from bench import (
+    bundles,
+    chain,
+    compare,
+    js,
+    openloop,
+    payload,
+    scale,
+    spawn,
+    throughput,
+    waits,
+)
 
 # name -> module with add_arguments(parser) and run(args, command) -> int
 SCENARIOS: dict[str, ModuleType] = {
@@ -21,6 +32,7 @@ SCENARIOS: dict[str, ModuleType] = {
     "open-loop": openloop,
     "compare": compare,
     "waits": waits,
+    "bundles": bundles,
 }
 
 

@@ -41,6 +41,7 @@ from sandbox.protocol import Capabilities
 SANDBOX = ("sandbox_mode", "sandbox_require", "sandbox_uid_base", "sandbox_slots")
 NODE = ("node_path", "node_fork")
 CLIENT = ("redis_url", "key_prefix", "partitions")
+BUNDLES = ("bundle_cache_dir", "bundle_cache_mb", "bundle_max_mb")
 # What a worker reads, bar where its Redis is and its HTTP server (a demo has neither).
 WORKER = (
     "concurrency",
@@ -62,10 +63,11 @@ WORKER = (
 # The settings each subcommand reads: its --help shows these and it accepts no others.
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "run-step": (*SANDBOX, *NODE),
-    "doctor": (*SANDBOX, *NODE),
+    "doctor": (*SANDBOX, *NODE, "bundle_cache_dir"),
     "serve": (
         "redis_url",
         *WORKER,
+        *BUNDLES,
         "http_port",
         "http_host",
         "metrics_integration_label",
@@ -78,7 +80,8 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "dead-letters": CLIENT,  # on each of its own subcommands
     "cancel": (*CLIENT, "result_ttl_s"),
     "healthcheck": ("http_port",),
-    "demo": WORKER,
+    "demo": (*WORKER, *BUNDLES),
+    "bundle": (*CLIENT, "bundle_max_mb"),  # on its `build` subcommand
 }
 DEAD_LETTER_ID = "<partition>:<stream id> as `dead-letters list` shows it, e.g. 0:1712345678901-0"
 METAVARS = {
@@ -175,8 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     command("healthcheck", "exit 0 when this host's worker answers /healthz (for HEALTHCHECK)")
     demo = command("demo", "run the bundled 6-step integration on an embedded Redis and one worker")
     demo.add_argument("--runs", type=int, default=20, help="timed runs after the first")
+    bundle = command("bundle", "build dependency bundles and store them for the workers")
+    bundle_leaves = bundle.add_subparsers(
+        dest="bundle_command", metavar="SUBCOMMAND", parser_class=_Parser, title="subcommands"
+    )
+    build = bundle_leaves.add_parser(
+        "build",
+        help="install an integration's declared npm and pip dependencies (where the registries "
+        "are reachable) and store each bundle in Redis, unless stored already",
+        formatter_class=_HelpFormatter,
+    )
+    build.add_argument("integration", help="an integration JSON file")
     for name, subparser in commands.choices.items():
-        if name == "dead-letters":  # a flag belongs to the subcommand it is given after
+        if name in ("dead-letters", "bundle"):  # a flag belongs to the subcommand it is given after
             for leaf in _subcommands(subparser).values():
                 _add_setting_flags(leaf, COMMAND_SETTINGS[name])
         else:
@@ -324,6 +338,8 @@ def cmd_doctor(settings: Settings) -> int:
         "writable_dirs": capabilities.writable_dirs,
         "uid": os.geteuid(),
         "node": settings.node_path or None,
+        # Dependency bundles are unpacked here and shown to steps read-only.
+        "bundle_cache_dir": settings.bundle_cache_dir,
         # How JS steps start: forked from the node zygote, or (and why) a node each.
         "javascript": (
             "forked from the node zygote"
@@ -389,11 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(
                 f"a command is needed: {', '.join(COMMAND_SETTINGS)} (runnerd --help says more)"
             )
-        if args.command == "dead-letters" and args.dead_letters_command is None:
-            raise UsageError(
-                "dead-letters: a subcommand is needed: list, show, replay, purge "
-                "(runnerd dead-letters --help says more)"
-            )
+        _need_subcommand(args)
         environ = dict(os.environ)
         settings = _settings_from(args, environ)
         _take_secrets(args, environ, settings)
@@ -403,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_doctor(settings)
         if args.command == "healthcheck":
             return cmd_healthcheck(settings)
-        from runnerd import commands, operator_commands  # the Redis side: only when used
+        from runnerd import bundle_command, commands, operator_commands  # only when used
 
         handler = {
             "serve": commands.serve,
@@ -413,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dead-letters": operator_commands.dead_letters_command,
             "cancel": operator_commands.cancel,
             "demo": commands.demo,
+            "bundle": bundle_command.build,
         }
         return int(_run(handler[args.command](args, settings)))
     except (UsageError, ConfigError) as exc:
@@ -423,6 +436,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def _need_subcommand(args: argparse.Namespace) -> None:
+    if args.command == "bundle" and args.bundle_command is None:
+        raise UsageError("bundle: a subcommand is needed: build (runnerd bundle --help)")
+    if args.command == "dead-letters" and args.dead_letters_command is None:
+        raise UsageError(
+            "dead-letters: a subcommand is needed: list, show, replay, purge "
+            "(runnerd dead-letters --help says more)"
+        )
 
 
 def entry() -> NoReturn:

@@ -38,7 +38,7 @@ from runnerd import integration as integration_module
 from runnerd.batcher import Batcher
 from runnerd.completions import CompletionReader
 from runnerd.connection import RedisClient, open_redis
-from runnerd.errors import StoreError
+from runnerd.errors import BundleMissing, StoreError
 from runnerd.keys import Keys
 from runnerd.messages import (
     Completion,
@@ -167,6 +167,7 @@ class Client:
         # True once stored, False if the submit that was storing it failed.
         self._stored: dict[tuple[int, str], asyncio.Future[bool]] = {}
         self._last_integration: tuple[Integration, str, bytes] | None = None
+        self._bundles_stored: set[str] = set()  # integration digests whose bundles are stored
         # Executions this client enqueued and nobody awaited yet, with their announcement
         # once it came (see _expect).
         self._fresh: dict[str, Completion | None] = {}
@@ -256,6 +257,8 @@ class Client:
         partition = self.keys.partition_of(execution_id) if execution_id else self._next_partition()
         execution_id = execution_id or self.keys.new_execution_id(partition)
         digest, definition = self._encoded(integration)
+        if digest not in self._bundles_stored:
+            await self._check_bundles(integration, digest)
         execution = Execution(execution_id, digest, time.time())
         keys = [
             self.keys.submitted(execution_id),
@@ -304,6 +307,19 @@ class Client:
             if not stored and self._stored.get(where) is storing:
                 del self._stored[where]
         return done
+
+    async def _check_bundles(self, integration: Integration, digest: str) -> None:
+        """BundleMissing unless every bundle its steps name is stored (asked once per
+        integration and client: a bundle, once stored, stays until an operator deletes it)."""
+        for bundle_id in sorted({step.bundle for step in integration.steps if step.bundle}):
+            if not await self.redis.exists(self.keys.bundle_manifest(bundle_id)):
+                steps = [step.name for step in integration.steps if step.bundle == bundle_id]
+                raise BundleMissing(
+                    f"integration {integration.name!r}: the dependency bundle of step(s) "
+                    f"{', '.join(steps)} ({bundle_id[:12]}) is not stored; build it with: "
+                    "runnerd bundle build INTEGRATION.json"
+                )
+        self._bundles_stored.add(digest)
 
     def _expect(self, execution_id: str) -> None:
         """Note an execution this client submits: its announcement is kept until a wait asks

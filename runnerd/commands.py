@@ -20,7 +20,7 @@ from runnerd import log, queue_state
 from runnerd.client import Client, Result
 from runnerd.daemon import Worker
 from runnerd.embedded import EmbeddedRedis
-from runnerd.errors import SandboxUnavailable, UsageError
+from runnerd.errors import BundleMissing, SandboxUnavailable, UsageError
 from runnerd.loop_store import LoopStore
 from runnerd.messages import Integration
 from runnerd.outcomes import (
@@ -102,7 +102,10 @@ async def submit(args: argparse.Namespace, settings: Settings) -> int:
     many = is_json_lines(args.input)
     inputs = read_json_lines(args.input) if many else [read_json_input(args.input)]
     async with connected_client(settings) as client:
-        execution_ids = await submit_inputs(client, integration, inputs)
+        try:
+            execution_ids = await submit_inputs(client, integration, inputs)
+        except BundleMissing as exc:  # say which file to build
+            raise BundleMissing(str(exc).replace("INTEGRATION.json", args.integration)) from None
         if args.wait:
             if many:
                 return await _print_results(client, execution_ids, args.timeout, settings)

@@ -35,6 +35,8 @@ from redis.exceptions import RedisError
 
 import runnerd
 from runnerd import emf, http, registry
+from runnerd.bundle_cache import for_worker
+from runnerd.bundle_store import RedisBundleStore
 from runnerd.capacity import Capacity
 from runnerd.connection import open_redis
 from runnerd.errors import RunnerdError
@@ -107,9 +109,11 @@ class Worker:
         metrics = Metrics(config.metrics_integration_label)
         redis = await open_redis(config.redis_url)
         try:
-            spawner = await Spawner.start(
-                SandboxOptions.from_settings(config), config.pool_size, metrics
+            bundles = for_worker(
+                config, RedisBundleStore(redis, Keys(config.key_prefix, 1)), metrics
             )
+            options = SandboxOptions.from_settings(config, str(bundles.root) if bundles else "")
+            spawner = await Spawner.start(options, config.pool_size, metrics, bundles)
         except BaseException:
             await redis.aclose()
             raise

@@ -17,5 +17,9 @@ class SandboxUnavailable(RunnerdError):
     """The zygote could not start, died, or lacks layers that strict mode requires."""
 
 
+class BundleMissing(RunnerdError):
+    """An integration's dependency bundle is not stored: submitting it would only fail."""
+
+
 class StoreError(RunnerdError):
     """Redis refused or lost an operation the store needed."""

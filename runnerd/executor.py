@@ -537,6 +537,7 @@ def _spec(
         argv=tuple(step.argv),
         env=env,
         context=context,
+        bundle=step.bundle,
     )
 
 

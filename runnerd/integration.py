@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from runnerd import bundle_spec
+from runnerd.bundle_spec import Dependencies
 from runnerd.errors import ConfigError
 from runnerd.secret_source import SecretRef, name_error
 from sandbox.protocol import Limits, Runtime
@@ -55,6 +57,7 @@ class StepDefinition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     limits: Limits = Limits()
     env: dict[str, str | SecretRef] = {}  # a SecretRef is resolved by the worker (secret_source.py)
     for_each: Loop | None = None
+    bundle: str = ""  # the id of its dependency bundle (runnerd/bundle_spec.py), never its files
 
 
 class Loop(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -125,6 +128,7 @@ class StepFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     network: bool | None = None
     env: dict[str, str | SecretRef] = {}
     for_each: LoopFile | None = None
+    dependencies: Dependencies | None = None
 
 
 class LoopFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -142,6 +146,7 @@ class IntegrationFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     steps: list[StepFile]
     retries: int = 0
     limits: LimitsOverride | None = None
+    dependencies: Dependencies | None = None
 
 
 def load(path: str | Path) -> Integration:
@@ -178,6 +183,8 @@ _STRUCT_AT: dict[str, tuple[type[msgspec.Struct], str]] = {
     "$.steps[].for_each.steps[].limits": (LimitsOverride, "limits"),
     "$.steps[].for_each.steps[].for_each": (LoopFile, "a for_each loop"),
     "$.steps[].env[...]": (SecretRef, "a secret reference"),
+    "$.dependencies": (Dependencies, "dependencies"),
+    "$.steps[].dependencies": (Dependencies, "dependencies"),
 }
 _UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`(?: - at `(?P<at>[^`]+)`)?")
 _ENUM = re.compile(r"Invalid enum value (?P<value>.+?) - at `(?P<at>[^`]+)`")
@@ -243,7 +250,22 @@ def _resolve(spec: IntegrationFile, base: Path, where: str) -> Integration:
         raise ConfigError(f"{where}: `$.retries` must be between 0 and {RETRIES_MAX}")
     base_limits = _merge(Limits(), spec.limits, where, "$.limits")
     steps = _resolve_steps(spec.steps, base, base_limits, where, "$.steps")
+    bundles = bundle_specs(spec, base, where)
+    steps = [_with_bundles(step, bundles) for step in steps]
     return Integration(name=spec.name, steps=steps, retries=spec.retries)
+
+
+def _with_bundles(step: StepDefinition, bundles: dict[str, str]) -> StepDefinition:
+    """The step with its bundle id; a loop's steps with theirs (named `loop.step`)."""
+    if step.for_each is None:
+        return msgspec.structs.replace(step, bundle=bundles.get(step.name, ""))
+    inner = [
+        msgspec.structs.replace(s, bundle=bundles.get(f"{step.name}.{s.name}", ""))
+        for s in step.for_each.steps
+    ]
+    return msgspec.structs.replace(
+        step, for_each=msgspec.structs.replace(step.for_each, steps=inner)
+    )
 
 
 def _resolve_steps(
@@ -307,6 +329,31 @@ def _resolve_loop(
             max_items=loop.max_items or 0,
         ),
     )
+
+
+def bundle_specs(spec: IntegrationFile, base: Path, where: str) -> dict[str, str]:
+    """Step name -> the id of its bundle: its own dependencies, else the integration's
+    (exec steps get none). What `runnerd bundle build` installs comes from the same reading."""
+    return {name: found.id for name, found in declared_bundles(spec, base, where).items()}
+
+
+def declared_bundles(
+    spec: IntegrationFile, base: Path, where: str
+) -> dict[str, bundle_spec.BundleSpec]:
+    shared = bundle_spec.resolve(spec.dependencies, base, where, "$.dependencies")
+    found = {}
+    for index, step in enumerate(spec.steps):
+        at = f"$.steps[{index}]"
+        own = bundle_spec.resolve(step.dependencies, base, where, f"{at}.dependencies")
+        if step.for_each is not None:  # a loop runs none itself; its steps do
+            for inner_index, inner in enumerate(step.for_each.steps):
+                inner_at = f"{at}.for_each.steps[{inner_index}].dependencies"
+                inner_own = bundle_spec.resolve(inner.dependencies, base, where, inner_at)
+                if inner.exec is None and (inner_own or own or shared):
+                    found[f"{step.name}.{inner.name}"] = inner_own or own or shared
+        elif step.exec is None and (own or shared):
+            found[step.name] = own or shared
+    return {name: value for name, value in found.items() if value is not None}
 
 
 def _resolve_step(

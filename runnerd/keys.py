@@ -4,6 +4,11 @@ The work is split into partitions. Each partition's keys share one hash tag, `{<
 so on Redis Cluster each partition lives in one slot (its Lua scripts may touch all of its keys)
 while the partitions spread over the masters. An execution id starts with its partition
 (`3-9f2c...`), so every key of an execution can be derived from its id alone.
+
+Dependency bundles (runnerd/bundle_store.py) belong to no partition: each bundle has a hash tag
+of its own, `{<prefix>-bundle-<id>}`, so that its manifest and all its chunks sit in one cluster
+slot (written in one pipeline to one master, the manifest last) while different bundles spread
+over the masters. A worker reads them with plain GETs, which any node redirects to that slot.
 """
 
 from __future__ import annotations
@@ -96,3 +101,17 @@ class Keys:
         """Sorted set of the partition's running loops (`<execution id>:<step>`, scored by
         their start in ms), so that `runnerd status` can show their progress."""
         return f"{self.tag(partition)}:loops"
+
+    def bundle_tag(self, bundle_id: str) -> str:
+        return f"{{{self.prefix}-bundle-{bundle_id}}}"
+
+    def bundle_manifest(self, bundle_id: str) -> str:
+        """A stored bundle's msgpack BundleManifest (size, SHA-256, chunk count): written after
+        its chunks, so a manifest present means a bundle complete."""
+        return f"{self.bundle_tag(bundle_id)}:manifest"
+
+    def bundle_chunk(self, bundle_id: str, sha256: str, index: int) -> str:
+        """Chunk `index` of the bundle's archive (CHUNK_BYTES each, the last shorter), named by
+        the archive's SHA-256 too: two builds racing to store different bytes under one id
+        never mix their chunks, and the manifest that wins (SET NX) names its own."""
+        return f"{self.bundle_tag(bundle_id)}:chunk:{sha256}:{index}"

@@ -110,6 +110,24 @@ class Metrics:
             registry=r,
         )
         self.build_info.labels(runnerd.__version__, platform.python_version()).set(1)
+        self.bundle_fetches = Counter(
+            "runnerd_bundle_fetches",
+            "Dependency bundles asked for by steps, by outcome: cached (unpacked already), "
+            "fetched (from the store, then unpacked), missing, corrupt, too_large, invalid.",
+            ["outcome"],
+            registry=r,
+        )
+        self.bundle_fetch_duration = Histogram(
+            "runnerd_bundle_fetch_seconds",
+            "Time to fetch, check and unpack a bundle on its first use on this worker.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.bundle_evictions = Counter(
+            "runnerd_bundle_evictions",
+            "Bundles removed from the local cache to keep it under its cap.",
+            registry=r,
+        )
         self.spawn_duration = Histogram(
             "runnerd_sandbox_spawn_seconds",
             "Time to get a confined child ready for a step (near zero when one was warm).",

@@ -48,6 +48,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     loop_items_max: int = 10_000
     secrets_dir: str = ""
     secrets_allow: str = ""
+    bundle_cache_dir: str = "/var/cache/runnerd/bundles"
+    bundle_cache_mb: int = 2048
+    bundle_max_mb: int = 256
 
 
 SETTINGS_HELP: dict[str, str] = {
@@ -86,6 +89,10 @@ SETTINGS_HELP: dict[str, str] = {
     'with {"secret": NAME}; RUNNERD_SECRET_<NAME> variables are the other source',
     "secrets_allow": "which integrations may use which secrets: INTEGRATION=SECRET,...;... "
     "(`*` a wildcard on either side); empty: none may",
+    "bundle_cache_dir": "where this worker keeps unpacked dependency bundles (root's; steps "
+    "read them, never write them); may be shared by the workers of one host",
+    "bundle_cache_mb": "size of the bundle cache; past it the least recently used bundles go",
+    "bundle_max_mb": "largest bundle, packed or unpacked, that is built or fetched",
 }
 
 
@@ -153,6 +160,8 @@ def _validate(settings: Settings) -> Settings:
         "retry_base_s",
         "retry_max_s",
         "loop_items_max",
+        "bundle_cache_mb",
+        "bundle_max_mb",
     ):
         if getattr(settings, field) <= 0:
             raise ConfigError(f"{env_name(field)}: must be positive")
@@ -168,5 +177,7 @@ def _validate(settings: Settings) -> Settings:
             f"({settings.concurrency + 2 * settings.pool_size})"
         )
     parse_allowlist(settings.secrets_allow, env_name("secrets_allow"))
+    if not os.path.isabs(settings.bundle_cache_dir):
+        raise ConfigError(f"{env_name('bundle_cache_dir')}: must be an absolute path")
     node = settings.node_path or shutil.which("node", path=os.environ.get("PATH")) or ""
     return msgspec.structs.replace(settings, node_path=node)

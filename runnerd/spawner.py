@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
@@ -17,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from runnerd.bundle_cache import BundleCache, BundleUnavailable, Lease
 from runnerd.child_link import Child, sandbox_failure
 from runnerd.errors import SandboxUnavailable
 from runnerd.messages import StepOutcome
@@ -28,9 +30,11 @@ from sandbox.protocol import (
     Limits,
     Runtime,
     StepContext,
+    StepError,
     StepRequest,
     StepResult,
 )
+from sandbox.rootfs import VIEW_BUNDLES
 
 MB = 1024 * 1024
 CODE_CACHE_BYTES_MAX = 64 * MB
@@ -49,13 +53,21 @@ class StepSpec:
     argv: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     context: StepContext = StepContext()
+    bundle: str = ""  # the id of its dependency bundle, "" for none
 
 
 class Spawner:
     """Runs steps in the sandbox. One per process; `start()` once, `close()` at the end."""
 
-    def __init__(self, zygote: Zygote, pool_size: int, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        zygote: Zygote,
+        pool_size: int,
+        metrics: Metrics | None = None,
+        bundles: BundleCache | None = None,
+    ) -> None:
         self.zygote = zygote
+        self.bundles = bundles
         self.metrics = metrics
         if metrics is not None:
             zygote.on_exit = lambda exited: metrics.child_exited(exited.pids_limited)
@@ -67,15 +79,46 @@ class Spawner:
 
     @classmethod
     async def start(
-        cls, options: SandboxOptions, pool_size: int = 0, metrics: Metrics | None = None
+        cls,
+        options: SandboxOptions,
+        pool_size: int = 0,
+        metrics: Metrics | None = None,
+        bundles: BundleCache | None = None,
     ) -> Spawner:
-        return cls(await Zygote.start(options), pool_size, metrics)
+        return cls(await Zygote.start(options), pool_size, metrics, bundles)
 
     @property
     def capabilities(self) -> Capabilities:
         return self.zygote.capabilities
 
     async def run_step(self, step: StepSpec) -> StepOutcome:
+        if not step.bundle:
+            return await self._run_step(step, "")
+        lease = await self._bundle(step.bundle)
+        if isinstance(lease, StepOutcome):
+            return lease
+        try:
+            return await self._run_step(step, self._visible(lease))
+        finally:
+            lease.release()
+
+    async def _bundle(self, bundle_id: str) -> Lease | StepOutcome:
+        """The step's bundle, held against eviction while it runs; or its `bundle` error."""
+        try:
+            if self.bundles is None:
+                raise BundleUnavailable("this worker has no bundle cache (see its start-up log)")
+            return await self.bundles.acquire(bundle_id)
+        except BundleUnavailable as exc:
+            return StepOutcome(ok=False, error=StepError("bundle", str(exc)))
+
+    def _visible(self, lease: Lease) -> str:
+        """Where the step finds its bundle: in the view the cache is bound at VIEW_BUNDLES."""
+        layers = self.capabilities.layers
+        if "fs_view" in layers and layers["fs_view"].ok:
+            return f"{VIEW_BUNDLES}/{os.path.basename(lease.path)}"
+        return lease.path
+
+    async def _run_step(self, step: StepSpec, bundle: str) -> StepOutcome:
         asked = time.perf_counter()
         child = await self._acquire(step.runtime, step.limits)
         if self.metrics is not None:
@@ -94,6 +137,7 @@ class Spawner:
             code_cache=cached,
             want_code_cache=key is not None and cached is None,
             output_max=step.limits.output_mb * MB,
+            bundle=bundle,
         )
         try:
             outcome, code_cache = await child.run(request)

@@ -48,14 +48,16 @@ class SandboxOptions:
     node_fork: bool = True  # JS steps forked from a node zygote (sandbox/node_fork.py)
     python: str = sys.executable
     start_timeout_s: float = 30.0
+    bundle_dir: str = ""  # the bundle cache, made visible to steps read-only
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> SandboxOptions:
+    def from_settings(cls, settings: Settings, bundle_dir: str = "") -> SandboxOptions:
         return cls(
             settings.sandbox_uid_base,
             settings.sandbox_slots,
             settings.node_path,
             settings.node_fork,
+            bundle_dir=bundle_dir,
         )
 
 
@@ -120,6 +122,7 @@ class Zygote:
             "--tmp-root",
             tmp_root,
             *([] if options.node_fork else ["--no-node-fork"]),
+            *(["--bundle-dir", options.bundle_dir] if options.bundle_dir else []),
         ]
         # An empty environment: the zygote's initial environment block is every child's too.
         process = await asyncio.create_subprocess_exec(

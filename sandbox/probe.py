@@ -270,7 +270,9 @@ def _child_attempt(go_read: int, report_write: int, action: Callable[[], object]
         os._exit(code)
 
 
-def probe_view(probed: Probed, view_root: str, probe_uid: int, node_path: str) -> None:
+def probe_view(
+    probed: Probed, view_root: str, probe_uid: int, node_path: str, bundle_dir: str = ""
+) -> None:
     """Build the filesystem view in this process (the zygote) and enter it in a throwaway
     child the way a step does; record `fs_view`. Where the view works, what steps can read is
     checked inside it, as the slot uid, in place of the check on the host's paths."""
@@ -280,7 +282,7 @@ def probe_view(probed: Probed, view_root: str, probe_uid: int, node_path: str) -
     elif not layers["mountns"].ok:
         status = LayerStatus(False, "needs mountns")
     else:
-        status = _build_view(view_root, node_path)
+        status = _build_view(view_root, node_path, bundle_dir)
     problems = list(probed.capabilities.problems)
     if status.ok:
         status, problems = _enter_view_in_child(layers, view_root, probe_uid, node_path)
@@ -288,9 +290,9 @@ def probe_view(probed: Probed, view_root: str, probe_uid: int, node_path: str) -
     probed.capabilities = msgspec.structs.replace(probed.capabilities, problems=problems)
 
 
-def _build_view(view_root: str, node_path: str) -> LayerStatus:
+def _build_view(view_root: str, node_path: str, bundle_dir: str) -> LayerStatus:
     try:
-        rootfs.build(view_root, rootfs.runtime_paths(node_path))
+        rootfs.build(view_root, rootfs.runtime_paths(node_path), bundle_dir)
     except OSError as exc:
         return LayerStatus(False, f"cannot build the view: {exc.strerror or exc}")
     return LayerStatus(True)

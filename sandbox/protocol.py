@@ -40,6 +40,7 @@ ErrorType = Literal[
     "sandbox",
     "cancelled",  # set by runnerd, never by a child: an operator cancelled the execution
     "secret",  # set by runnerd, never by a child: a secret the step names cannot be given it
+    "bundle",  # set by runnerd: the step's dependency bundle could not be fetched or unpacked
 ]
 
 T = TypeVar("T")
@@ -181,6 +182,9 @@ class StepRequest(msgspec.Struct, tag="request", frozen=True):
     code_cache: bytes | None = None
     want_code_cache: bool = False
     output_max: int = 128 * 1024 * 1024
+    # The step's dependency bundle as the step sees it (read-only), "" for none: Python puts
+    # `<bundle>/python` on sys.path, JavaScript resolves require() in `<bundle>/node_modules`.
+    bundle: str = ""
     # Last, so that a large input can follow the rest of its frame uncopied (frame_buffers).
     input: msgspec.Raw = NIL
 

@@ -48,6 +48,10 @@ ETC_WRITTEN = {
     "hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost\n",
     "hostname": "runnerd-step\n",
 }
+# Where the worker's dependency bundle cache (runnerd/bundle_cache.py) appears in the view:
+# bound read-only, so a step reads its bundle and can change nothing in it. A fixed place, not
+# the host's path: the cache may lie under a temp dir, where the step's own /tmp would hide it.
+VIEW_BUNDLES = "/bundles"
 DEVICES = ("null", "zero", "full", "random", "urandom")
 DEV_LINKS = {
     "fd": "/proc/self/fd",
@@ -58,10 +62,11 @@ DEV_LINKS = {
 }
 
 
-def build(root: str, extra_paths: tuple[str, ...]) -> None:
+def build(root: str, extra_paths: tuple[str, ...], bundle_dir: str = "") -> None:
     """Build the view at `root`, in a mount namespace of this (root, single-threaded) process
     that nothing propagates out of. `extra_paths`: the runtime's own directories outside the
-    system trees (see runtime_paths); those under a temp dir are bound per child instead."""
+    system trees (see runtime_paths); those under a temp dir are bound per child instead.
+    `bundle_dir`: the bundle cache, bound read-only at VIEW_BUNDLES."""
     syscalls.unshare(syscalls.CLONE_NEWNS)
     syscalls.mount("none", "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE, None)
     os.makedirs(root, mode=0o755, exist_ok=True)
@@ -83,6 +88,8 @@ def build(root: str, extra_paths: tuple[str, ...]) -> None:
             bind(path, root + path, read_only=True)
     for index, path in enumerate(p for p in extra_paths if under_temp_dir(p)):
         bind(path, staged(root, index), read_only=True)
+    if bundle_dir:
+        bind(bundle_dir, root + VIEW_BUNDLES, read_only=True)
     # The root itself goes read-only last: the step can write nowhere but its own /tmp.
     syscalls.mount("none", root, None, syscalls.MS_REMOUNT | READ_ONLY, None)
 

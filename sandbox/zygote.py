@@ -52,6 +52,7 @@ class ZygoteConfig:
     tmp_root: str
     node_flags: tuple[str, ...] = ()
     node_fork: bool = True
+    bundle_dir: str = ""  # the dependency bundle cache, bound read-only into the view
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,9 +452,15 @@ def _parse_args(argv: list[str]) -> tuple[int, ZygoteConfig]:
     parser.add_argument("--node", default="")
     parser.add_argument("--tmp-root", required=True)
     parser.add_argument("--no-node-fork", dest="node_fork", action="store_false")
+    parser.add_argument("--bundle-dir", default="")
     args = parser.parse_args(argv)
     config = ZygoteConfig(
-        args.uid_base, args.slots, args.node, args.tmp_root, node_fork=args.node_fork
+        args.uid_base,
+        args.slots,
+        args.node,
+        args.tmp_root,
+        node_fork=args.node_fork,
+        bundle_dir=args.bundle_dir,
     )
     return args.control_fd, config
 
@@ -482,7 +489,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         kill_uid_range(config.uid_base, config.slots + 1)  # what an earlier instance left
     probed = probe(probe_uid, os.getpid(), config.node_path)
     view_root = os.path.join(config.tmp_root, "view")
-    probe_view(probed, view_root, probe_uid, config.node_path)
+    probe_view(probed, view_root, probe_uid, config.node_path, config.bundle_dir)
     has_view = probed.capabilities.layers["fs_view"].ok
     can_clean = "uid_drop" in probed.capabilities.available()
     if not has_view and can_clean:

@@ -20,6 +20,7 @@ import inspect
 import marshal
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +47,8 @@ def serve(sock: socket.socket, layers: list[str], tmpdir: str, output_mb: int) -
     send(sock, Ready(layers))
     request = receive_request(sock, output_mb)
     enter_step_environment(request, tmpdir)
+    if request.bundle:  # first: the step's own pins win over what the runtime has installed
+        sys.path.insert(0, os.path.join(request.bundle, "python"))
     channel = Channel(sock)
     channel.finish(PythonStep(request, tmpdir, layers, channel).run())
 

@@ -65,7 +65,7 @@ function stepFilename(request) {
 
 async function loadStep(request, tmpdir) {
   const filename = stepFilename(request);
-  const mod = isModule(filename, request.source) ? await importSource(request.source, filename) : compileCommonJS(request.source, filename, tmpdir);
+  const mod = isModule(filename, request.source) ? await importSource(request.source, filename) : compileCommonJS(request.source, filename, tmpdir, request.bundle);
   const run = mod.run ?? mod.default?.run ?? (typeof mod.default === "function" ? mod.default : undefined);
   if (typeof run !== "function") throw new Error("the step exports no run(input, ctx)");
   return run;
@@ -78,12 +78,12 @@ function importSource(source, filename) {
 
 // Compiled under its path in the tmpdir, which node 18 needs to resolve a dynamic import() from
 // it; step_errors puts the author's name back in what they see. `require` finds node's builtins
-// and nothing of the disk's by name.
-function compileCommonJS(source, filename, tmpdir) {
+// and, with a dependency bundle, the bundle's packages; nothing else of the disk's by name.
+function compileCommonJS(source, filename, tmpdir, bundle) {
   const step = new Module(commonJSPath(filename, tmpdir), null);
   // No node_modules search from the tmpdir: without a filesystem view its parents include the
   // host's /tmp, where another step could plant a package for this one to require.
-  step.paths = [];
+  step.paths = bundle ? [path.join(bundle, "node_modules")] : [];
   step._compile(source, step.id);
   return { run: step.exports?.run, default: step.exports };
 }
@@ -127,6 +127,9 @@ async function runStep(request, config) {
       tmpdir: config.tmpdir,
       log,
       Fatal,
+      // An ES module is imported from a data: URL, from which node resolves no bare
+      // specifier: it reaches its bundle's packages through this.
+      require: request.bundle ? Module.createRequire(path.join(request.bundle, "node_modules", "_")) : undefined,
     };
     value = await Promise.race([run(request.input, ctx), escaped]);
   } catch (err) {

@@ -1,0 +1,120 @@
+"""A bundle's archive: a deterministic tar.gz out of a directory, and a safe unpacking of one.
+
+Deterministic, so that the same files give the same bytes and the same SHA-256 on any machine:
+entries sorted by path, owner 0:0 with no names, mtime 0, modes reduced to 0644 / 0755, gzip's
+header without a name or time. Only regular files and directories are packed: npm's
+`node_modules/.bin` links are left out (steps run no package binaries), and any other link
+stops the build. No links at all, rather than links that stay inside: whether a chain of
+relative links stays inside cannot be told from each link's text alone.
+
+Unpacking trusts nothing in the archive (it came out of Redis, a bundle is customer code):
+absolute paths, `..`, links, hard links, devices and fifos are refused, modes lose setuid,
+setgid and sticky bits and every write bit but the owner's (root's), and the total size and
+entry count are capped before anything is written past them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import stat
+import tarfile
+from pathlib import Path
+
+ENTRIES_MAX = 200_000
+
+
+class ArchiveError(Exception):
+    """The archive is not one a worker may unpack; the message says which entry and why."""
+
+
+def pack(root: Path) -> bytes:
+    """Every file under `root` as a deterministic tar.gz."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in _walk(root):
+            tar.addfile(*_entry(root, path))
+    out = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=6) as gz:
+        gz.write(raw.getvalue())
+    return out.getvalue()
+
+
+def _walk(root: Path) -> list[Path]:
+    found = []
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = sorted(
+            d for d in dirs if not (d == ".bin" and directory.endswith("node_modules"))
+        )
+        for name in sorted(dirs + files):
+            found.append(Path(directory, name))
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _entry(root: Path, path: Path) -> tuple[tarfile.TarInfo, io.BufferedReader | None]:
+    name = path.relative_to(root).as_posix()
+    info = tarfile.TarInfo(name)
+    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+    st = path.lstat()
+    if stat.S_ISDIR(st.st_mode):
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        return info, None
+    if not stat.S_ISREG(st.st_mode):
+        raise ArchiveError(f"{name}: a link or special file (a bundle holds files only)")
+    info.size = st.st_size
+    info.mode = 0o755 if st.st_mode & 0o111 else 0o644
+    return info, path.open("rb")
+
+
+def unpack(data: bytes, into: Path, size_max: int) -> int:
+    """Unpack `data` into the empty directory `into`; the bytes written. ArchiveError for any
+    entry a bundle may not hold, or past `size_max` bytes unpacked (nothing then is kept:
+    the caller removes `into`)."""
+    total = 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            for count, member in enumerate(tar, start=1):
+                if count > ENTRIES_MAX:
+                    raise ArchiveError(f"more than {ENTRIES_MAX} entries")
+                _check(member)
+                total += member.size
+                if total > size_max:
+                    raise ArchiveError(
+                        f"unpacks to more than {size_max // 2**20} MB (RUNNERD_BUNDLE_MAX_MB)"
+                    )
+                _write(tar, member, into)
+    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
+        raise ArchiveError(f"not a readable bundle archive: {exc}") from exc
+    return total
+
+
+def _check(member: tarfile.TarInfo) -> None:
+    name = member.name
+    parts = name.split("/")
+    if name.startswith("/") or ".." in parts or not name or "\0" in name:
+        raise ArchiveError(f"{name!r}: a path outside the bundle")
+    if member.issym() or member.islnk():
+        raise ArchiveError(f"{name!r}: a link to {member.linkname!r} (a bundle holds files only)")
+    if not (member.isfile() or member.isdir()):
+        raise ArchiveError(f"{name!r}: a device or fifo (a bundle holds files only)")
+
+
+def _write(tar: tarfile.TarFile, member: tarfile.TarInfo, into: Path) -> None:
+    # No link is ever written, so every parent is a directory this unpacking made.
+    target = into / member.name
+    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if member.isdir():
+        target.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(target, 0o755)  # whatever the umask
+        return
+    source = tar.extractfile(member)
+    if source is None:
+        raise ArchiveError(f"{member.name!r}: unreadable")
+    # Root's, readable by all, writable by none but root: no setuid, setgid, sticky bits.
+    mode = 0o755 if member.mode & 0o111 else 0o644
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as out:
+        while chunk := source.read(1024 * 1024):
+            out.write(chunk)
+    os.chmod(target, mode)  # the umask may have taken bits off
