@@ -64,7 +64,7 @@ def test_an_unknown_field_with_nothing_close_lists_the_fields(tmp_path: Path) ->
 
     assert "unknown field `zz`" in line
     assert "did you mean" not in line
-    fields = "name, code, source, runtime, exec, limits, network, env, dependencies"
+    fields = "name, code, source, runtime, exec, limits, network, env, for_each, dependencies"
     assert f"(a step has: {fields})" in line
 
 
