@@ -30,6 +30,7 @@ from runnerd.loop_store import LoopStore
 from runnerd.masking import mask_outcome
 from runnerd.messages import (
     ENTRY_VERSION,
+    NOT_RETRIED,
     Checkpoint,
     Execution,
     ExecutionResult,
@@ -52,9 +53,6 @@ LOOP_ITEMS_MAX = 10_000
 T = TypeVar("T")
 log = logging.getLogger("runnerd.executor")
 STEP_OUTPUT_KEPT_MAX = 64 * 1024  # per-step outputs in a result are kept only when this small
-# Step error types that fail an execution at once: a retry on this worker or another (they
-# share one task definition) finds the same secrets and the same allowlist.
-NOT_RETRIED = frozenset({"fatal", "secret"})
 
 
 @dataclass(frozen=True)
@@ -323,35 +321,19 @@ class Executor:
             context = StepContext(execution.execution_id, step.name, attempt)
             work = self._run_step(integration, step, payload, context)
             return await self._step(execution.execution_id, work), None
-        if step.for_each.distribute and pending_save is not None:
-            await pending_save  # the fan-out writes the checkpoint after it
-        return await self._loop_step(
-            entry, execution, integration, index, step, payload, attempt, reports
-        )
-
-    async def _loop_step(
-        self,
-        entry: Entry,
-        execution: Execution,
-        integration: str,
-        index: int,
-        step: StepDefinition,
-        payload: msgspec.Raw,
-        attempt: int,
-        reports: list[StepReport],
-    ) -> tuple[StepOutcome | None, ItemCounts | None] | int:
-        """A loop step's outcome (None: an operator's cancel stopped it). A distributed loop
-        step's outcome when this entry is its continuation, else its items handed to the
-        streams: their number (this entry is then acked)."""
+        # A loop: the outcome of an inline one (None: an operator's cancel stopped it); of a
+        # distributed one, when this entry is its continuation; else its items are handed to
+        # the streams and their number returned (this entry is then acked).
         execution_id = execution.execution_id
-        assert step.for_each is not None
         if not step.for_each.distribute:
             ran = await self._step(
                 execution_id, self._loop(integration, execution_id, index, step, payload, attempt)
             )
             return ran if ran is not None else (None, None)
         if execution.resumes_loop == index:
-            return await self.fanout.collect(execution_id, index, step, payload)
+            return await self.fanout.collect(execution_id, index, step)
+        if pending_save is not None:
+            await pending_save  # the fan-out writes the checkpoint after it
         return await self.fanout.fan_out(entry, execution, index, step, payload, attempt, reports)
 
     async def _item(self, entry: Entry, execution: Execution) -> Ending:

@@ -131,7 +131,7 @@ class Fanout:
         await self.loops.mark_enqueued(execution_id, index)
 
     async def collect(
-        self, execution_id: str, index: int, step: StepDefinition, payload: msgspec.Raw
+        self, execution_id: str, index: int, step: StepDefinition
     ) -> tuple[StepOutcome, ItemCounts]:
         """The continuation: the loop step's outcome from the items' results in Redis."""
         total = await self.loops.total(execution_id, index)

@@ -23,7 +23,14 @@ import msgspec
 
 from runnerd.capacity import Capacity
 from runnerd.loop_store import LoopStore
-from runnerd.messages import ItemCounts, ItemResult, StepDefinition, StepOutcome, encoder
+from runnerd.messages import (
+    NOT_RETRIED,
+    ItemCounts,
+    ItemResult,
+    StepDefinition,
+    StepOutcome,
+    encoder,
+)
 from runnerd.metrics import Metrics
 from sandbox.protocol import NIL, StepContext, StepError
 
@@ -31,7 +38,6 @@ log = logging.getLogger("runnerd.loops")
 MB = 1024 * 1024
 BORROW_RETRY_S = 0.05  # how soon a loop short of slots looks for a free one again
 ITEM_RETRY_MAX_S = 5.0  # an item's retry waits at most this long (it holds a slot meanwhile)
-NOT_RETRIED = frozenset({"fatal"})
 
 # Runs one step of an item: (step, input, context) -> outcome. The executor's, so that a step
 # of an item is run exactly as any other step.

@@ -17,6 +17,10 @@ ENTRY_VERSION = 1
 # `cancelled`: an operator cancelled it (`runnerd cancel`); its error says so.
 ExecutionStatus = Literal["succeeded", "failed", "dead", "cancelled"]
 FINAL_STATUSES: tuple[ExecutionStatus, ...] = ("succeeded", "failed", "dead", "cancelled")
+# Step error types no retry can change, for an execution's retries and a loop item's alike: the
+# step said so or does not compile (`fatal`), or a secret it names is refused (a retry on this
+# worker or another, which share one task definition, finds the same secrets and allowlist).
+NOT_RETRIED = frozenset({"fatal", "secret"})
 
 
 class StepOutcome(msgspec.Struct, frozen=True):

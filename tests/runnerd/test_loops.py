@@ -159,6 +159,27 @@ def test_an_item_is_retried_alone_as_its_retries_say(serve: ServeFactory, prefix
     assert failed.error is not None and "first run of an even item" in failed.error.message
 
 
+FATAL_ITEM = (
+    "from runnerd.step import Fatal\n"
+    "def run(input, ctx):\n"
+    "    raise Fatal(f'item {input} cannot be done (run {ctx.attempt})')\n"
+)
+
+
+def test_an_item_failing_for_good_is_not_retried(serve: ServeFactory, prefix: str) -> None:
+    serve(retry_base_s="0.01")
+    steps = [{"name": "never", "source": FATAL_ITEM}]
+    loop = {"steps": steps, "retries": 2, "on_item_error": "collect"}
+    spec = {"name": "fatal-items", "steps": [{"name": "each", "for_each": loop}]}
+    result = run_one(Integration.from_dict(spec), [0, 1], prefix)
+
+    assert result.status == "succeeded", result.error
+    assert [item["error"]["type"] for item in result.output] == ["fatal", "fatal"]
+    assert "(run 1)" in result.output[0]["error"]["message"]
+    counts = result.steps[0].items
+    assert counts is not None and (counts.failed, counts.retried) == (2, 0)
+
+
 def test_too_many_items_and_no_array_are_clear_fatal_errors(
     serve: ServeFactory, prefix: str
 ) -> None:

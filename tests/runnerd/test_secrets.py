@@ -286,3 +286,25 @@ def test_an_encoded_secret_is_not_masked(serve: ServeFactory, prefix: str, tmp_p
 
     assert result.status == "succeeded"
     assert base64.b64decode(result.output).decode() == api_key
+
+
+def test_a_loop_item_refused_a_secret_is_not_retried(
+    serve: ServeFactory, prefix: str, tmp_path: Path
+) -> None:
+    """Items share the executions' list of errors no retry can change: an item's own retries
+    would find the same allowlist."""
+    api_key = secret_value()
+    start(serve, secrets_dir(tmp_path, {}), api_key)
+    step = {"name": "use", "source": "def run(i, ctx):\n    return i\n"}
+    step["env"] = {"TOKEN": {"secret": "API_KEY"}}
+    loop = {"steps": [step], "retries": 3, "on_item_error": "collect"}
+    integration = Integration.from_dict(
+        {"name": "intruder", "steps": [{"name": "each", "for_each": loop}]}
+    )
+
+    result = run_one(integration, [0, 1], prefix)
+
+    assert result.status == "succeeded", result.error
+    assert [item["error"]["type"] for item in result.output] == ["secret", "secret"]
+    counts = result.steps[0].items
+    assert counts is not None and (counts.failed, counts.retried) == (2, 0)
