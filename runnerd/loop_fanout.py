@@ -165,6 +165,17 @@ class Fanout:
                 state.started_by,
                 extra=where,
             )
+        elif entry.deliveries > 1:
+            # Not started before, yet delivered again (its worker was lost before it started
+            # the item, or Redis stalled long enough for the entry to look idle): said, so that
+            # every run of an item is accounted for in the logs.
+            log.info(
+                "loop %s item %d delivered again (delivery %d)",
+                step.name,
+                item.index,
+                entry.deliveries,
+                extra=where,
+            )
         if state.cancelled:
             result = ItemResult(
                 False,

@@ -6,7 +6,8 @@ distributed item runs from, so each change below is one script on one slot:
 
     {P-p}:loop:<id>                  hash: k:total k:done k:failed [k:attempt k:ended k:enqueued]
     {P-p}:items:<id>:<k>:<chunk>     hash: r<i> ItemResult, s<i> worker that started i, i<i> input
-    {P-p}:loops                      zset: running loops, for `runnerd status`
+    {P-p}:loops                      zset: running loops, for `runnerd status` (by start
+                                     time; members older than the result TTL are dropped)
 
 Items are grouped LOOP_CHUNK to a hash: a 10,000-item loop of 10 KB results is 40 values of
 2.5 MB, not one of 100 MB, and cleaning up is 40 UNLINKs, not 10,000 DELs.
@@ -75,6 +76,8 @@ redis.call('HSET', KEYS[1], k .. ':total', ARGV[2], k .. ':done', 0, k .. ':fail
            k .. ':attempt', ARGV[3], 'current', k, 'step', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[7], ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[7] - ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
@@ -126,7 +129,12 @@ class LoopStore:
                 mapping={f"{step}:total": total, "current": step, "step": name},
             )
             pipe.pexpire(k.loop(execution_id), self.ttl_ms)
-            pipe.zadd(k.loops(partition), {f"{execution_id}:{step}": _now_ms()})
+            now = _now_ms()
+            pipe.zadd(k.loops(partition), {f"{execution_id}:{step}": now})
+            # A member outlives its loop only if a late duplicate run re-added it after the
+            # execution ended: members and the index itself go when a loop's state would.
+            pipe.zremrangebyscore(k.loops(partition), "-inf", now - self.ttl_ms)
+            pipe.pexpire(k.loops(partition), self.ttl_ms)
             await pipe.execute()
 
     async def finished_items(
@@ -292,12 +300,16 @@ class LoopStore:
     async def running(self, partition: int, most: int) -> list[tuple[str, LoopState]]:
         """The partition's running loops, oldest first: (execution id, state)."""
         members: Any = await self.redis.zrange(self.keys.loops(partition), 0, most - 1)
-        found = []
+        found, gone = [], []
         for member in members:
             execution_id = _text(member).rpartition(":")[0]
             state = await self.state(execution_id)
-            if state is not None:
+            if state is None:
+                gone.append(member)  # its loop state expired or was forgotten
+            else:
                 found.append((execution_id, state))
+        if gone:
+            await self.redis.zrem(self.keys.loops(partition), *gone)
         return found
 
 

@@ -1,10 +1,12 @@
 """Chaos: three `runnerd serve` workers on one stream of a durable Redis, a mix of executions
-(multi-step Python and JavaScript, retried, failing, slow, hostile), and while they run: workers
+(multi-step Python and JavaScript, retried, failing, slow, hostile, for_each loops inline and
+distributed), and while they run: workers
 SIGKILLed and replaced, one drained with SIGTERM, the workers' Redis connections cut, Redis
 paused, and Redis itself killed and restarted from its AOF. Then every execution must have
 exactly one result with the status its kind calls for, nothing may be left pending or delayed,
 no step the checkpoints had passed may have run again without a run of its execution to explain
-it, and nothing may be left behind: processes, fds, memory, keys.
+it, no loop item may have run again without a log line to explain it, and nothing may be left
+behind: processes, fds, memory, keys.
 
 The reduced run is part of the normal suite; the full one (2,000 executions) is marked slow:
 
@@ -61,6 +63,12 @@ FDS_PER_WARM_CHILD = 4  # its step channel, stdout and stderr pipes, and a pidfd
 FDS_MARGIN = 8
 RSS_MARGIN_BYTES = 64 * 1024 * 1024  # code cache, allocator arenas, metrics histograms
 RUN_LINE = re.compile(r"execution (\S+) attempt (\d+) from step (\d+) \(delivery (\d+)\)")
+# A distributed loop's items: each fan-out puts one entry per item on the stream, and each run
+# of an item beyond its entry's first delivery is said in one of these two lines.
+FAN_OUT_LINE = re.compile(r"loop each handed \d+ items to the work streams.*")
+ITEM_AGAIN_LINE = re.compile(r"loop each item (\d+) (?:runs again|delivered again).*")
+LOOP_ITEMS = 6
+ITEM_SLEEP_S = 0.3
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,12 @@ FULL = Scale(executions=2000, wave=60, kill_every_s=5.0, results_timeout_s=600)
 
 def counting(name: str) -> dict[str, Any]:
     return {"name": name, "code": str(COUNTING_STEP), "network": True}
+
+
+def each(distribute: bool) -> dict[str, Any]:
+    """A loop over the input's `items`, each item through a counting step (`each[i].ic`)."""
+    loop = {"items": "items", "parallelism": 3, "distribute": distribute, "steps": [counting("ic")]}
+    return {"name": "each", "for_each": loop}
 
 
 def inline(name: str, source: str, runtime: str = "python", **limits: Any) -> dict[str, Any]:
@@ -112,6 +126,8 @@ class Kind:
     error_types: frozenset[str] = frozenset()
     failed_step: str | None = None
     runs: dict[str, int] = field(default_factory=dict)  # counting steps' runs without faults
+    items: int = 0  # a loop's items (its input's `items`), each through a counting step
+    distributed: bool = False
 
     def integration(self) -> Integration:
         return Integration.from_dict(
@@ -121,6 +137,12 @@ class Kind:
     @property
     def trail(self) -> list[str]:
         return [step["name"] for step in self.steps]
+
+    @property
+    def runs_logged(self) -> int:
+        """Runs of the execution its workers log when no fault hits it: a distributed loop's
+        execution is run once more, to continue after its last item."""
+        return self.attempts * (2 if self.distributed else 1)
 
     def counted_steps(self) -> dict[str, int]:
         """Counting step name -> its index in the integration."""
@@ -151,6 +173,8 @@ KINDS = [
         failed_step="c2",
         runs={"c2": 2},
     ),
+    Kind("loop", 5, [counting("c1"), each(False)], items=LOOP_ITEMS),
+    Kind("distributed", 5, [counting("c1"), each(True)], items=LOOP_ITEMS, distributed=True),
     Kind("slow", 12, [counting("c1"), counting("c2")], options={"sleep_s": {"c1": 1.0}}),
     # What the hostile suite accepts for a fork bomb: whichever copy answers first.
     Kind(
@@ -266,6 +290,13 @@ class Chaos:
                 "trail": [],
                 **kind.options,
             }
+            if kind.items:
+                item = {key: data[key] for key in ("redis_port", "counters", "trail")}
+                # Slow enough items that the faults find loops with items in flight.
+                data["items"] = [
+                    {**item, "n": n, "sleep_s": {f"each[{n}].ic": ITEM_SLEEP_S}}
+                    for n in range(kind.items)
+                ]
             self.kinds[execution_id] = kind
             self.in_flight.submit(self.integrations[kind.name], data, execution_id)
 
@@ -377,7 +408,13 @@ def check_outcomes(chaos: Chaos, results: dict[str, Result]) -> Counter[str]:
             where = (where, evidence(chaos.fleet, execution_id), chaos.timeline)
         assert result.status == kind.status, where
         assert result.attempts == kind.attempts, (where, result.attempts)
-        if kind.status == "succeeded":
+        if kind.items:
+            assert [item["n"] for item in result.output] == list(range(kind.items)), where
+            trails = [item["trail"] for item in result.output]
+            assert trails == [[f"each[{n}].ic"] for n in range(kind.items)], (where, trails)
+            counts = result.steps[-1].items
+            assert counts is not None and counts.succeeded == kind.items, (where, counts)
+        elif kind.status == "succeeded":
             assert result.output["trail"] == kind.trail, where
         else:
             assert result.error is not None and result.error.type in kind.error_types, where
@@ -398,14 +435,90 @@ def runs_of_executions(fleet: Fleet) -> dict[str, list[int]]:
     return starts
 
 
+def loop_lines(fleet: Fleet) -> tuple[Counter[str], Counter[tuple[str, int]]]:
+    """From every worker's log: each execution's fan-outs, and each item's runs said again."""
+    fan_outs: Counter[str] = Counter()
+    again: Counter[tuple[str, int]] = Counter()
+    for member in fleet.members:
+        for record in log_records(member):
+            message, execution_id = record.get("msg", ""), record.get("execution_id", "")
+            if FAN_OUT_LINE.fullmatch(message):
+                fan_outs[execution_id] += 1
+            elif found := ITEM_AGAIN_LINE.fullmatch(message):
+                again[(execution_id, int(found.group(1)))] += 1
+    return fan_outs, again
+
+
+END_LINE = re.compile(r"execution \S.* in [\d.]+ ms")
+
+
+def overlapping_runs(fleet: Fleet) -> Counter[str]:
+    """Execution id -> its runs that began while another worker's run of it was still going
+    (Redis stalled past the claim time, so a live worker's entry looked idle). Only such a run
+    can start an item the other one is starting too, before either has said so. A run lasts
+    from its run line to its worker's next line that ends it (an end line, or a new run line
+    after a lost connection); one that never ended was its worker's last (killed)."""
+    spans: dict[str, list[tuple[str, float, float]]] = {}
+    for member in fleet.members:
+        open_runs: dict[str, float] = {}
+        for record in log_records(member):
+            message, execution_id = record.get("msg", ""), record.get("execution_id")
+            if execution_id is None:
+                continue
+            ended = END_LINE.fullmatch(message) or RUN_LINE.fullmatch(message)
+            if ended and execution_id in open_runs:
+                began = open_runs.pop(execution_id)
+                spans.setdefault(execution_id, []).append(
+                    (member.daemon.worker_id, began, record["ts"])
+                )
+            if RUN_LINE.fullmatch(message):
+                open_runs[execution_id] = record["ts"]
+        for execution_id, began in open_runs.items():
+            spans.setdefault(execution_id, []).append((member.daemon.worker_id, began, began))
+    found: Counter[str] = Counter()
+    for execution_id, runs in spans.items():
+        for worker, began, _ in runs:
+            if any(w != worker and b < began < e for w, b, e in runs):
+                found[execution_id] += 1
+    return found
+
+
+def check_item_runs(
+    chaos: Chaos, kind: Kind, execution_id: str, firsts: list[int], lines: Any
+) -> int:
+    """Every item ran, and no more often than the logs explain. An inline loop runs each item
+    at most once per run of its execution that reached the loop (a run that takes the loop
+    over keeps the finished items). A distributed item runs once per entry of it on the
+    stream (one per fan-out), and again only on a redelivery, which its worker says. An
+    inline item runs again only when its worker was lost while it ran, which the worker that
+    runs it again says, or when two runs of the execution overlapped."""
+    fan_outs, again, overlaps = lines
+    client = chaos.redis.client()
+    pipe = client.pipeline(transaction=False)
+    for n in range(kind.items):
+        pipe.scard(f"chaosruns:{execution_id}:each[{n}].ic")
+    runs = pipe.execute()
+    client.close()
+    loop_at = len(kind.steps) - 1
+    for n, count in enumerate(runs):
+        if kind.distributed:
+            explained = fan_outs[execution_id] + again[(execution_id, n)]
+        else:
+            reached = sum(1 for first in firsts if first <= loop_at)
+            explained = min(reached, 1 + again[(execution_id, n)] + overlaps[execution_id])
+        assert 1 <= count <= explained, (kind.name, execution_id, n, runs, firsts, explained)
+    return sum(runs) - kind.items
+
+
 def check_step_runs(chaos: Chaos, fleet: Fleet) -> dict[str, int]:
     """A counting step may run again only when a run of its execution started at or before it:
     a resumed run starts at its checkpoint, so the steps the checkpoint had passed stay run once.
     An execution that was never run again beyond its attempts ran each step exactly as often as
     its kind says."""
     starts = runs_of_executions(fleet)
+    lines = (*loop_lines(fleet), overlapping_runs(fleet))
     client = chaos.redis.client()
-    figures = Counter({"executions run again": 0, "step runs repeated": 0})
+    figures = Counter({"executions run again": 0, "step runs repeated": 0, "item runs repeated": 0})
     for execution_id, kind in chaos.kinds.items():
         steps = kind.counted_steps()
         pipe = client.pipeline(transaction=False)
@@ -416,8 +529,12 @@ def check_step_runs(chaos: Chaos, fleet: Fleet) -> dict[str, int]:
         for name, index in steps.items():
             explained = sum(1 for first in firsts if first <= index)
             assert 1 <= runs[name] <= explained, (kind.name, execution_id, name, runs, firsts)
+        if kind.items:
+            figures["item runs repeated"] += check_item_runs(
+                chaos, kind, execution_id, firsts, lines
+            )
         expected = {name: kind.runs.get(name, 1) for name in steps}
-        if len(firsts) == kind.attempts:
+        if len(firsts) == kind.runs_logged:
             assert runs == expected, (kind.name, execution_id, runs, firsts)
         else:
             figures["executions run again"] += 1
@@ -444,7 +561,10 @@ def check_redis_state(chaos: Chaos) -> dict[str, int]:
         if kind in ("work", "dead", "completions", "workers"):
             continue
         # submitted: an id's marker against a second enqueue, kept as long as its result.
-        assert kind in ("result", "integration", "submitted"), f"leftover key {name}"
+        # A loop's state is deleted when its execution ends; a late duplicate run of the
+        # execution (a redelivery) may write some again, which then expires as a result does.
+        allowed = ("result", "integration", "submitted", "loop", "items", "loops")
+        assert kind in allowed, f"leftover key {name}"
         assert client.pttl(name) > 0, f"{name} has no TTL"
     client.close()
     return dict(kinds)

@@ -482,3 +482,37 @@ def test_loop_items_are_counted_in_the_metrics(serve: ServeFactory, prefix: str)
     assert float(samples["succeeded"]) == 4
     assert float(samples["failed"]) == 1
     assert float(samples["rerun"]) == 0
+
+
+def test_the_running_loops_index_drops_what_outlived_its_loop(prefix: str) -> None:
+    """A late duplicate run may add a loop to the index after its execution ended: the index
+    expires as loop state does, drops members older than that, and `status` drops members
+    whose loop state is gone."""
+    keys = Keys(prefix, 1)
+    admin = redis.Redis.from_url(SHARED_REDIS_URL)
+    index = keys.loops(0)
+    old = f"{keys.new_execution_id(0)}:1"
+    admin.zadd(index, {old: 1_000})  # started long before the result TTL
+
+    async def go() -> tuple[list[Any], list[Any]]:
+        connection = aioredis.Redis.from_url(SHARED_REDIS_URL)
+        store = LoopStore(connection, keys, 60_000)
+        live, forgotten = keys.new_execution_id(0), keys.new_execution_id(0)
+        await store.start(live, 1, "each", 10)
+        await store.start(forgotten, 1, "each", 10)
+        await connection.unlink(keys.loop(forgotten))  # as an expired or forgotten loop's
+        members = await connection.zrange(index, 0, -1)
+        running = await store.running(0, 10)
+        await connection.aclose()
+        return members, [execution_id for execution_id, _ in running]
+
+    try:
+        members, running = run_async(go())
+        assert old.encode() not in members
+        assert len(members) == 2
+        assert len(running) == 1
+        assert admin.zcard(index) == 1
+        assert 0 < admin.pttl(index) <= 60_000
+    finally:
+        for key in admin.scan_iter(match="{" + prefix + "*"):
+            admin.delete(key)
