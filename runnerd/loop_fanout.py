@@ -134,9 +134,10 @@ class Fanout:
         self, execution_id: str, index: int, step: StepDefinition
     ) -> tuple[StepOutcome, ItemCounts]:
         """The continuation: the loop step's outcome from the items' results in Redis."""
-        total = await self.loops.total(execution_id, index)
-        results, _ = await self.loops.finished_items(execution_id, index, total)
-        return self.runner.collected(step, total, results)
+        summary = await self.loops.distributed_summary(execution_id, index)
+        results, _ = await self.loops.finished_items(execution_id, index, summary.total)
+        outcome, counts = self.runner.collected(step, summary.total, results, summary.rerun)
+        return msgspec.structs.replace(outcome, duration_s=summary.duration_s), counts
 
     async def run_item(
         self, entry: Entry, execution: Execution, integration: Integration, run_step: RunStep
@@ -158,6 +159,7 @@ class Fanout:
         where = {"execution_id": execution_id, "worker_id": self.worker_id}
         if state.started_by is not None:
             self.runner.metrics.loop_items.labels("rerun").inc()
+            await self.loops.item_rerun(execution_id, item.step)
             log.info(
                 "loop %s item %d runs again: worker %s was lost while it ran",
                 step.name,

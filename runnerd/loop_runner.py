@@ -52,7 +52,8 @@ class ItemsError(Exception):
 class _Progress:
     total: int
     results: dict[int, ItemResult]
-    counts: dict[str, int] = field(default_factory=dict)
+    retried: int = 0  # runs of items' steps after a failure of their own
+    rerun: int = 0  # items run again because the worker running them was lost
     first_failure: tuple[int, StepOutcome] | None = None
 
     def done(self) -> int:
@@ -195,7 +196,7 @@ class LoopRunner:
         def launch(item: int) -> None:
             if item in started:
                 self.metrics.loop_items.labels("rerun").inc()
-                progress.counts["rerun"] = progress.counts.get("rerun", 0) + 1
+                progress.rerun += 1
                 log.info(
                     "loop %s item %d runs again: worker %s was lost while it ran",
                     step.name,
@@ -242,7 +243,7 @@ class LoopRunner:
     ) -> None:
         progress.results[item] = result
         if result.runs > 1:
-            progress.counts["retried"] = progress.counts.get("retried", 0) + result.runs - 1
+            progress.retried += result.runs - 1
         self.metrics.loop_items.labels("succeeded" if result.ok else "failed").inc()
         if result.ok:
             return
@@ -293,17 +294,18 @@ class LoopRunner:
             await asyncio.sleep(min(ITEM_RETRY_MAX_S, self.retry_delay_s(runs)))
 
     def collected(
-        self, step: StepDefinition, total: int, results: dict[int, ItemResult]
+        self, step: StepDefinition, total: int, results: dict[int, ItemResult], rerun: int
     ) -> tuple[StepOutcome, ItemCounts]:
         """A distributed loop's outcome, from its items' results as Redis has them."""
         progress = _Progress(total, results)
+        progress.rerun = rerun
         failed = sorted(i for i, result in results.items() if not result.ok)
         if failed:
             progress.first_failure = (
                 failed[0],
                 _failure_outcome(failed[0], results[failed[0]], None),
             )
-        progress.counts["retried"] = sum(r.runs - 1 for r in results.values() if r.runs > 1)
+        progress.retried = sum(r.runs - 1 for r in results.values() if r.runs > 1)
         return self._outcome(step, progress)
 
     def _outcome(self, step: StepDefinition, progress: _Progress) -> tuple[StepOutcome, ItemCounts]:
@@ -317,8 +319,8 @@ class LoopRunner:
             succeeded=len(results) - failed,
             failed=failed,
             skipped=progress.total - len(results),
-            retried=progress.counts.get("retried", 0),
-            rerun=progress.counts.get("rerun", 0),
+            retried=progress.retried,
+            rerun=progress.rerun,
             first_failed=first[0] if first else None,
         )
         if loop.on_item_error == "fail" and first is not None:

@@ -4,7 +4,8 @@ distributed loop its items' inputs and the once-only continuation.
 All of it lives under the execution's partition tag (one cluster slot), whatever stream a
 distributed item runs from, so each change below is one script on one slot:
 
-    {P-p}:loop:<id>                  hash: k:total k:done k:failed [k:attempt k:ended k:enqueued]
+    {P-p}:loop:<id>                  hash: k:total k:done k:failed, and for a distributed
+                                     loop k:attempt k:ended k:enqueued k:rerun k:started
     {P-p}:items:<id>:<k>:<chunk>     hash: r<i> ItemResult, s<i> worker that started i, i<i> input
     {P-p}:loops                      zset: running loops, for `runnerd status` (by start
                                      time; members older than the result TTL are dropped)
@@ -73,7 +74,8 @@ if redis.call('HGET', KEYS[1], k .. ':attempt') == ARGV[3] then return 0 end
 for i = 3, #KEYS do redis.call('UNLINK', KEYS[i]) end
 redis.call('HDEL', KEYS[1], k .. ':ended', k .. ':enqueued')
 redis.call('HSET', KEYS[1], k .. ':total', ARGV[2], k .. ':done', 0, k .. ':failed', 0,
-           k .. ':attempt', ARGV[3], 'current', k, 'step', ARGV[5])
+           k .. ':rerun', 0, k .. ':started', ARGV[7], k .. ':attempt', ARGV[3], 'current', k,
+           'step', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[7], ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[7] - ARGV[4])
@@ -94,6 +96,12 @@ class ItemState(msgspec.Struct, frozen=True):
 
     def stale(self, attempt: int) -> bool:
         return self.attempt != attempt or self.ended or self.finished
+
+
+class DistributedSummary(msgspec.Struct, frozen=True):
+    total: int
+    rerun: int  # items run again because the worker running them was lost
+    duration_s: float  # from the fan-out to now (the workers' clocks)
 
 
 class LoopState(msgspec.Struct, frozen=True):
@@ -227,9 +235,15 @@ class LoopStore:
     async def mark_enqueued(self, execution_id: str, step: int) -> None:
         await self.redis.hset(self.keys.loop(execution_id), f"{step}:enqueued", 1)
 
-    async def total(self, execution_id: str, step: int) -> int:
-        raw: Any = await self.redis.hget(self.keys.loop(execution_id), f"{step}:total")
-        return int(raw or 0)
+    async def distributed_summary(self, execution_id: str, step: int) -> DistributedSummary:
+        """What the continuation reports beside the items' results."""
+        names = [f"{step}:total", f"{step}:rerun", f"{step}:started"]
+        total, rerun, started = await self.redis.hmget(self.keys.loop(execution_id), names)
+        began_s = int(started) / 1000 if started is not None else time.time()
+        return DistributedSummary(int(total or 0), int(rerun or 0), time.time() - began_s)
+
+    async def item_rerun(self, execution_id: str, step: int) -> None:
+        await self.redis.hincrby(self.keys.loop(execution_id), f"{step}:rerun", 1)
 
     async def item_state(self, execution_id: str, step: int, index: int) -> ItemState:
         k = self.keys

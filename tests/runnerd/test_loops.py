@@ -357,6 +357,10 @@ def test_a_distributed_loop_runs_its_items_on_every_worker_and_continues_once(
     assert continued == 1
     # The execution's worker let go of it while its items ran.
     assert any("execution handed to 60 loop items" in w.log() for w in workers)
+    report = result.steps[1]
+    assert report.items is not None
+    assert (report.items.total, report.items.failed, report.items.rerun) == (60, 1, 0)
+    assert 0 < report.outcome.duration_s < 60  # from the fan-out to the continuation
 
 
 def test_a_distributed_loop_under_fail_ends_at_its_first_failure(
@@ -428,6 +432,8 @@ def test_a_distributed_loop_survives_a_worker_killed_mid_items(
     logged = rerun_items(survivor.log())
     assert 1 <= len(logged) <= 3, logged  # the killed worker's concurrency
     assert set(repeated) <= set(logged), (logged, repeated)
+    counts = result.steps[0].items
+    assert counts is not None and counts.rerun == len(logged)
     continued = doomed.log().count("the execution continues")
     continued += survivor.log().count("the execution continues")
     assert continued == 1
