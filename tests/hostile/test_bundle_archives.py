@@ -413,3 +413,102 @@ def test_a_bundle_id_with_path_characters_names_no_directory(
     assert not (cache.parent / escaped).exists()
     assert not (cache / ".staging" / escaped).exists()
     _assert_worker_unharmed(worker, cache, tmp_path, prefix, witnesses)
+
+
+MODES_STEP = """import os, sys
+
+def run(input, ctx):
+    python = sys.path[0]
+    seen = {}
+    for name in ("python", "python/tool", "python/open"):
+        st = os.stat(os.path.join(os.path.dirname(python), name))
+        seen[name] = oct(st.st_mode & 0o7777)
+    try:
+        open(os.path.join(python, "open", "planted.py"), "w").write("x = 1")
+        seen["write"] = "done"
+    except OSError as exc:
+        seen["write"] = type(exc).__name__
+    return seen
+"""
+
+
+def test_a_forged_archives_modes_reach_no_step(
+    prefix: str, cache: Path, worker: Daemon, tmp_path: Path, witnesses: Witnesses
+) -> None:
+    """Setuid, setgid, sticky and world-write bits asked for by the archive: the step finds
+    root's files 0755 and directories 0755, and cannot write into the one asked 0777."""
+    path, bundle_id = _integration(tmp_path, "modes", MODES_STEP)
+    archive = gzip.compress(
+        _tar(
+            (_member("python", tarfile.DIRTYPE, mode=0o7777), b""),
+            (_member("python/open", tarfile.DIRTYPE, mode=0o1777), b""),
+            (_member("python/tool", mode=0o6777, uid=1000, gid=1000), b"#!/bin/sh\nid\n"),
+        )
+    )
+    _store(prefix, bundle_id, archive)
+    result = submit_wait(path, prefix, None)
+    assert result["status"] == "succeeded", result
+    seen = result["output"]
+    # EACCES (root's directory, 0755) or, in the view, EROFS (a read-only bind).
+    assert seen.pop("write") in ("PermissionError", "OSError"), seen
+    assert seen == {"python": "0o755", "python/tool": "0o755", "python/open": "0o755"}, seen
+    [unpacked] = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    for name in ("python", "python/tool", "python/open"):
+        st = (unpacked / name).stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0), name
+    assert not (unpacked / "python" / "open" / "planted.py").exists()
+    witnesses.assert_unharmed()
+
+
+# A module of the bundle that, imported before the step's own code runs, would be the runner's
+# doing, not the step's: it forges the code-cache frame (the one frame the caller trusts to be
+# the runtime's, sent between compiling and running) with code of its own, which the worker
+# would hand to every later run of the same source and file name, another integration's too.
+SHADOW = """import marshal, os, sys
+if not getattr(sys, "_rt_started", False):
+    sys.__dict__.setdefault("_rt_before", []).append(__name__)
+    from sandbox import protocol
+    forged = compile("def run(input, ctx):\\n    return 'poisoned'\\n", "step.py", "exec")
+    os.write(3, bytes(protocol.encode_frame(protocol.Compiled(marshal.dumps(forged)))))
+"""
+SHADOWED_STEP = """import sys
+
+def run(input, ctx):
+    sys._rt_started = True
+    return {"before": getattr(sys, "_rt_before", []), "first": sys.path[0].endswith("/python")}
+"""
+
+
+def test_a_bundle_shadowing_stdlib_and_runner_modules_runs_nothing_before_the_step(
+    prefix: str, cache: Path, worker: Daemon, tmp_path: Path, witnesses: Witnesses
+) -> None:
+    """The bundle's python/ (first on sys.path) holds a module for every name of the standard
+    library, the runner's own packages (sandbox, msgspec), sitecustomize, usercustomize and a
+    .pth file: none of it runs before the step's code, so none can forge the code cache. Then
+    another integration with the same step source and file name, and no bundle, runs its own
+    code on the same worker."""
+    import sys
+
+    tree = tmp_path / "shadow-tree"
+    names = {*sys.stdlib_module_names, "sandbox", "msgspec", "sitecustomize", "usercustomize"}
+    for name in names:
+        (tree / "python" / name).mkdir(parents=True)
+        (tree / "python" / name / "__init__.py").write_text(SHADOW)
+    (tree / "python" / "zz-shadow.pth").write_text("import sitecustomize\n")
+    from runnerd import bundle_archive
+
+    path, bundle_id = _integration(tmp_path, "shadow", SHADOWED_STEP)
+    _store(prefix, bundle_id, bundle_archive.pack(tree))
+    result = submit_wait(path, prefix, None)
+    assert result["status"] == "succeeded", result
+    assert result["output"] == {"before": [], "first": True}, result["output"]
+    sibling = write(
+        tmp_path / "sibling",
+        {"name": "sibling", "steps": [{"name": "step", "code": "step.py"}]},
+        {"step.py": SHADOWED_STEP},
+    )
+    for _ in range(2):  # the first compiles (or takes the cache); the second takes the cache
+        again = submit_wait(sibling, prefix, None)
+        assert again["status"] == "succeeded", again
+        assert again["output"] == {"before": [], "first": False}, again["output"]
+    witnesses.assert_unharmed()
