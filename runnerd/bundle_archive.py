@@ -10,7 +10,9 @@ relative links stays inside cannot be told from each link's text alone.
 Unpacking trusts nothing in the archive (it came out of Redis, a bundle is customer code):
 absolute paths, `..`, links, hard links, devices and fifos are refused, modes lose setuid,
 setgid and sticky bits and every write bit but the owner's (root's), and the total size and
-entry count are capped before anything is written past them.
+entry count are capped before anything is written past them. What the tar reader itself holds
+is bounded too (`_Capped`): a header's own content (a GNU long name, a pax record) is read whole
+before the member it names is seen, so 1 MB of gzip could ask it for a gigabyte.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ import tarfile
 from pathlib import Path
 
 ENTRIES_MAX = 200_000
+# The tar reader's reads of the decompressed stream: headers are read whole (a pax record or a
+# GNU long name of a real bundle is a few KB), file contents in pieces of this size.
+READ_MAX = 64 * 1024
+# The decompressed stream beside the file contents: per entry a header, a pax header and its
+# record, and the padding of the content to a 512-byte block; the end-of-archive blocks.
+ENTRY_OVERHEAD = 4 * tarfile.BLOCKSIZE
+STREAM_OVERHEAD = 64 * 1024
 
 
 class ArchiveError(Exception):
@@ -72,8 +81,11 @@ def unpack(data: bytes, into: Path, size_max: int) -> int:
     entry a bundle may not hold, or past `size_max` bytes unpacked (nothing then is kept:
     the caller removes `into`)."""
     total = 0
+    stream_max = size_max + ENTRIES_MAX * ENTRY_OVERHEAD + STREAM_OVERHEAD
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        gz = gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb")
+        stream = _Capped(gz, stream_max)
+        with tarfile.open(fileobj=stream, mode="r:", tarinfo=_NoSparse) as tar:
             for count, member in enumerate(tar, start=1):
                 if count > ENTRIES_MAX:
                     raise ArchiveError(f"more than {ENTRIES_MAX} entries")
@@ -84,9 +96,54 @@ def unpack(data: bytes, into: Path, size_max: int) -> int:
                         f"unpacks to more than {size_max // 2**20} MB (RUNNERD_BUNDLE_MAX_MB)"
                     )
                 _write(tar, member, into)
-    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
-        raise ArchiveError(f"not a readable bundle archive: {exc}") from exc
+    except ArchiveError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        # Whatever the tar reader fails with on bytes made to break it (zlib.error, a
+        # RecursionError from a chain of pax headers, ...) is this archive's refusal, not the
+        # worker's failure: the step gets its `bundle` error and the staging is removed.
+        raise ArchiveError(f"not a readable bundle archive: {type(exc).__name__}: {exc}") from exc
     return total
+
+
+class _NoSparse(tarfile.TarInfo):
+    """A sparse member's map is read before the member is seen, block after block with no
+    bound of its own (GNU's 'S' type and pax's GNU.sparse 1.0): 600 MB of stream would be
+    tens of millions of Python ints. A bundle never holds a sparse file; refuse it first."""
+
+    def _proc_sparse(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
+        raise ArchiveError(f"{self.name!r}: a sparse file (a bundle holds plain files only)")
+
+    def _proc_gnusparse_10(self, *args: object) -> None:
+        raise ArchiveError("a sparse file (a bundle holds plain files only)")
+
+
+class _Capped(io.RawIOBase):
+    """The decompressed tar stream as the tar reader sees it: no read past READ_MAX at once,
+    nothing past `limit` in all (refused before the bytes are decompressed, let alone held)."""
+
+    def __init__(self, raw: gzip.GzipFile, limit: int) -> None:
+        super().__init__()
+        self.raw = raw
+        self.limit = limit
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0 or size > READ_MAX:
+            raise ArchiveError(f"a header of {size} bytes (a bundle's are a few KB)")
+        if self.raw.tell() + size > self.limit:
+            raise ArchiveError(f"a tar stream of more than {self.limit // 2**20} MB")
+        return self.raw.read(size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence != io.SEEK_SET or offset > self.limit:
+            raise ArchiveError(f"a tar stream of more than {self.limit // 2**20} MB")
+        return self.raw.seek(offset)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def readable(self) -> bool:
+        return True
 
 
 def _check(member: tarfile.TarInfo) -> None:
@@ -115,6 +172,6 @@ def _write(tar: tarfile.TarFile, member: tarfile.TarInfo, into: Path) -> None:
     mode = 0o755 if member.mode & 0o111 else 0o644
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "wb") as out:
-        while chunk := source.read(1024 * 1024):
+        while chunk := source.read(READ_MAX):
             out.write(chunk)
     os.chmod(target, mode)  # the umask may have taken bits off

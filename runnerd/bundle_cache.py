@@ -157,7 +157,11 @@ class BundleCache:
 
     async def _fetch(self, bundle_id: str) -> tuple[BundleManifest, bytes]:
         short = bundle_id[:12]
-        manifest = await self.store.manifest(bundle_id)
+        try:
+            manifest = await self.store.manifest(bundle_id)
+        except BundleCorrupt as exc:
+            self._count("corrupt")
+            raise BundleUnavailable(f"bundle {short} is corrupt in the store: {exc}") from exc
         if manifest is None:
             self._count("missing")
             raise BundleUnavailable(
@@ -203,8 +207,13 @@ class BundleCache:
             staging.mkdir(mode=0o700)
             try:
                 size = bundle_archive.unpack(archive, staging, self.size_max)
-            except bundle_archive.ArchiveError as exc:
+            except BaseException as exc:
+                # Whatever stopped it, its files go: .staging is outside the cache's cap, and
+                # an archive that broke the unpacking after writing would leave up to
+                # RUNNERD_BUNDLE_MAX_MB there on every delivery, until the disk is full.
                 shutil.rmtree(staging, ignore_errors=True)
+                if not isinstance(exc, bundle_archive.ArchiveError):
+                    raise
                 self._count("invalid")
                 raise BundleUnavailable(
                     f"bundle {bundle_id[:12]} ({', '.join(manifest.packages)}) refused: {exc}"

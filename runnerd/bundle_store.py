@@ -18,6 +18,9 @@ from runnerd.connection import RedisClient
 from runnerd.keys import Keys
 
 CHUNK_BYTES = 4 * 1024 * 1024
+# A build's manifest is a few hundred bytes: a hash, four numbers and the names it was asked
+# for. Larger is not one a build wrote, and decoding it could cost the worker gigabytes.
+MANIFEST_MAX = 1024 * 1024
 
 
 class BundleManifest(msgspec.Struct, frozen=True):
@@ -56,9 +59,24 @@ class RedisBundleStore:
 
     async def manifest(self, bundle_id: str) -> BundleManifest | None:
         raw: Any = await self.redis.get(self.keys.bundle_manifest(bundle_id))
-        return _manifest_decoder.decode(raw) if raw is not None else None
+        if raw is None:
+            return None
+        if len(raw) > MANIFEST_MAX:
+            raise BundleCorrupt(f"its manifest is {len(raw)} bytes, not one a build wrote")
+        try:
+            return _manifest_decoder.decode(raw)
+        except msgspec.DecodeError as exc:  # ValidationError too: not one a build wrote
+            raise BundleCorrupt(f"its manifest is not a bundle manifest: {exc}") from exc
 
     async def fetch(self, bundle_id: str, manifest: BundleManifest) -> bytes | None:
+        # The chunk count is the manifest's word too: checked against its size (which the
+        # cache has held to RUNNERD_BUNDLE_MAX_MB), or a few bytes "in" 10**12 chunks would
+        # have the worker build a list of 10**12 key names.
+        if manifest.chunks != chunks_of(manifest.size):
+            raise BundleCorrupt(
+                f"its manifest says {manifest.chunks} chunks of {manifest.size} bytes "
+                f"(a build stores {chunks_of(manifest.size)})"
+            )
         keys = [
             self.keys.bundle_chunk(bundle_id, manifest.sha256, n) for n in range(manifest.chunks)
         ]
