@@ -512,3 +512,68 @@ def test_a_bundle_shadowing_stdlib_and_runner_modules_runs_nothing_before_the_st
         assert again["status"] == "succeeded", again
         assert again["output"] == {"before": [], "first": False}, again["output"]
     witnesses.assert_unharmed()
+
+
+# --- a package planted above the cache ---------------------------------------------------------
+
+LEAKY_INDEX = (
+    "exports.own = () => require('inner');\n"  # in the bundle: found
+    "exports.foreign = () => require('planted');\n"  # not in the bundle: planted above it
+)
+LEAKY_STEP = (
+    "const leaky = require('leaky');\n"
+    "exports.run = () => {\n"
+    "  let foreign;\n"
+    "  try { foreign = leaky.foreign(); } catch (err) { foreign = `refused: ${err.message}`; }\n"
+    "  return { own: leaky.own(), foreign };\n"
+    "};\n"
+)
+
+
+def _package(name: str, index: str) -> list[tuple[tarfile.TarInfo, bytes]]:
+    manifest = f'{{"name": "{name}", "version": "1.0.0", "main": "index.js"}}'.encode()
+    return [
+        (_member(f"node_modules/{name}/package.json"), manifest),
+        (_member(f"node_modules/{name}/index.js"), index.encode()),
+    ]
+
+
+def test_a_bundles_package_is_not_handed_a_module_planted_above_the_cache(
+    prefix: str, tmp_path: Path, profile: str, witnesses: Witnesses
+) -> None:
+    """A package of a bundle requires a name the bundle lacks. Node looks for it in the
+    node_modules of every directory above the package; above the bundle are the cache's
+    parents, and a parent that every uid may write to (as /var/tmp is) is one where another
+    customer's step, outside a filesystem view, can plant that name. Lookups stop at the
+    bundle's root: the bundle's own packages are found, the planted one is not."""
+    nest = Path("/var/tmp") / f"runnerd-nest-{uuid.uuid4().hex[:8]}"
+    nest.mkdir()
+    nest.chmod(0o1777)  # as /var/tmp: any uid may add to it
+    planted = nest / "node_modules" / "planted"
+    planted.mkdir(parents=True)
+    (planted / "index.js").write_text("module.exports = 'planted code ran';\n")
+    daemon = start_worker(tmp_path, prefix, nest / "cache", profile=profile)
+    try:
+        spec = {
+            "name": "leaky",
+            "dependencies": {"npm": {"forged-leaky": "1.0.0"}},
+            "steps": [{"name": "step", "code": "step.cjs", "runtime": "node"}],
+        }
+        path = write(tmp_path / "leaky", spec, {"step.cjs": LEAKY_STEP})
+        bundle_id = Integration.load(path).steps[0].bundle
+        archive = _tar(
+            *_package("leaky", LEAKY_INDEX), *_package("inner", "module.exports = 'inner';\n")
+        )
+        _store(prefix, bundle_id, gzip.compress(archive))
+
+        result = submit_wait(path, prefix, None)
+
+        assert result["status"] == "succeeded", result
+        assert result["output"]["own"] == "inner"
+        foreign = result["output"]["foreign"]
+        assert foreign.startswith("refused: Cannot find module 'planted'"), foreign
+        assert daemon.is_alive()
+        witnesses.assert_unharmed()
+    finally:
+        daemon.stop()
+        shutil.rmtree(nest, ignore_errors=True)
