@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bench.compare import SystemRuns
+    from bench.loops import Distributed
     from bench.openloop import Level
 
 
@@ -94,6 +95,37 @@ def open_loop(path: str, levels: Sequence[Level], info: dict[str, str]) -> None:
     axes.set_title(f"runnerd open loop, 1 worker: {_subtitle(info)}", fontsize=9)
     axes.legend()
     axes.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def loop_items(
+    path: str, rates: Sequence[tuple[float, float]], distributed: Distributed, info: dict[str, str]
+) -> None:
+    """A distributed loop's items/s over time (between count samples), and items done."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(8, 5))
+    axes.plot([t for t, _ in rates], [r for _, r in rates], marker=".", label="items/s")
+    axes.set_xlabel("seconds since submit")
+    axes.set_ylabel("items/s (between samples)")
+    done = axes.twinx()
+    done.plot(
+        [s.at_s for s in distributed.samples],
+        [s.done for s in distributed.samples],
+        color="#7f7f7f",
+        linestyle="--",
+        label="items done",
+    )
+    done.set_ylabel("items done")
+    axes.set_title(
+        f"runnerd distributed for_each, {distributed.items:,} items over 2 workers, "
+        f"{distributed.took_s:.0f} s\n{_subtitle(info)}",
+        fontsize=9,
+    )
+    axes.set_ylim(bottom=0)
+    done.set_ylim(bottom=0)
+    axes.grid(True, alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -13,6 +13,7 @@ from bench import (
     chain,
     compare,
     js,
+    loops,
     openloop,
     payload,
     scale,
@@ -33,6 +34,7 @@ SCENARIOS: dict[str, ModuleType] = {
     "compare": compare,
     "waits": waits,
     "bundles": bundles,
+    "loops": loops,
 }
 
 
