@@ -5,7 +5,9 @@ The seed's case: `--items` files (500), each parsed by a Python step (CSV text t
 transformed by a JavaScript step (rows to a count and a total). Every repetition runs, in a
 rotating order, on one worker:
 
-- `loop`: one execution with a for_each step over the files, at the default parallelism;
+- `loop`: one execution with a for_each step over the files, `--parallelism` at a time (the
+  worker's concurrency by default: the loop alone on its worker);
+- `loop-default`: the same at the default parallelism (half the concurrency);
 - `executions`: the same files as that many separate two-step executions, submitted at once
   and all awaited (first submit to last result), the way an author without loops would;
 - `loop, parallelism 1`: the loop with one item in flight, for comparison.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import sys
 import time
@@ -76,6 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="how often the distributed loop's counts are sampled (default 1 s)",
     )
+    parser.add_argument(
+        "--parallelism",
+        type=int,
+        default=0,
+        help="the first loop case's parallelism (default the worker's --concurrency: a loop "
+        "alone on its worker; the default parallelism, half of it, is its own case)",
+    )
     parser.add_argument("--png", metavar="PATH", help="draw the distributed items/s chart here")
     parser.set_defaults(repeat=5, warmup=20)
 
@@ -127,38 +137,49 @@ def _check_loop(result: Result, inputs: list[dict[str, Any]]) -> None:
 
 async def _one_loop(
     client: Client, integration: Integration, inputs: list[dict[str, Any]]
-) -> float:
+) -> tuple[float, set[str]]:
     started = time.perf_counter()
     result = await client.run(integration, {"files": inputs}, RESULT_TIMEOUT_S)
     took = time.perf_counter() - started
     _check_loop(result, inputs)
-    return took
+    return took, set()  # a loop step's report holds its items' counts, not their layers
 
 
-async def _separate(client: Client, inputs: list[dict[str, Any]]) -> float:
+async def _separate(client: Client, inputs: list[dict[str, Any]]) -> tuple[float, set[str]]:
     """Every file as its own execution, submitted at once, all awaited."""
     integration = pair()
     started = time.perf_counter()
     ids = await client.submit_many(integration, inputs)
     results = await asyncio.gather(*(client.wait(i, RESULT_TIMEOUT_S) for i in ids))
     took = time.perf_counter() - started
+    layers: set[str] = set()
     for file, result in zip(inputs, results, strict=True):
         if not result.ok or result.output != expected(file):
             raise WrongResult(f"{file['name']}: {result.status} {repr(result.output)[:200]}")
-    return took
+        layers.update(*(step.outcome.layers for step in result.steps))
+    return took, layers
 
 
 @dataclass(frozen=True)
 class Case:
     key: str
     label: str
-    run: Callable[[Client, list[dict[str, Any]]], Awaitable[float]]
+    run: Callable[[Client, list[dict[str, Any]]], Awaitable[tuple[float, set[str]]]]
 
 
-def cases() -> list[Case]:
-    default, serial = loop(), loop(parallelism=1)
+def cases(parallelism: int) -> list[Case]:
+    wide, default, serial = loop(parallelism), loop(), loop(parallelism=1)
     return [
-        Case("loop", "one loop, default parallelism", lambda c, i: _one_loop(c, default, i)),
+        Case(
+            "loop",
+            f"one loop, parallelism {parallelism}",
+            lambda c, i: _one_loop(c, wide, i),
+        ),
+        Case(
+            "loop-default",
+            "one loop, default parallelism (half the concurrency)",
+            lambda c, i: _one_loop(c, default, i),
+        ),
         Case("executions", "as separate executions", _separate),
         Case("loop-p1", "one loop, parallelism 1", lambda c, i: _one_loop(c, serial, i)),
     ]
@@ -184,27 +205,33 @@ class Distributed:
 @dataclass(frozen=True)
 class Outcome:
     items: int
+    parallelism: int  # of the `loop` case
     seconds: dict[str, list[float]]  # per case, one per repetition
+    layers: list[str]  # what the separate executions' steps ran under
     distributed: Distributed | None
 
 
-async def _inline(args: argparse.Namespace) -> dict[str, list[float]]:
-    found: dict[str, list[float]] = {case.key: [] for case in cases()}
-    all_cases = cases()
+async def _inline(args: argparse.Namespace) -> tuple[dict[str, list[float]], set[str]]:
+    all_cases = cases(args.parallelism or args.concurrency)
+    found: dict[str, list[float]] = {case.key: [] for case in all_cases}
+    layers: set[str] = set()
     async with Fleet(1, worker_options(args)) as fleet:
         if args.warmup:
             await _one_loop(fleet.client, loop(), files(args.warmup, 10**6))
         for index in range(args.repeat):
             shift = index % len(all_cases)
             for case in all_cases[shift:] + all_cases[:shift]:
-                took = await case.run(fleet.client, files(args.items, index * args.items))
+                took, ran_under = await case.run(
+                    fleet.client, files(args.items, index * args.items)
+                )
                 found[case.key].append(took)
+                layers |= ran_under
                 print(
                     f"repetition {index + 1}/{args.repeat} {case.key:10} {took:7.2f} s",
                     file=sys.stderr,
                     flush=True,
                 )
-    return found
+    return found, layers
 
 
 async def _distributed(args: argparse.Namespace) -> Distributed:
@@ -232,9 +259,10 @@ async def _distributed(args: argparse.Namespace) -> Distributed:
 
 
 async def measure(args: argparse.Namespace) -> Outcome:
-    seconds = await _inline(args)
+    seconds, layers = await _inline(args)
     distributed = await _distributed(args) if args.distributed_items > 0 else None
-    return Outcome(args.items, seconds, distributed)
+    parallelism = args.parallelism or args.concurrency
+    return Outcome(args.items, parallelism, seconds, sorted(layers), distributed)
 
 
 def rates(distributed: Distributed) -> list[tuple[float, float]]:
@@ -252,7 +280,8 @@ def verdicts(outcome: Outcome) -> tuple[list[str], bool]:
     under = loop_s.median <= TARGET_LOOP_S
     not_slower = loop_s.median <= separate_s.median
     lines = [
-        f"- loop of {outcome.items} items p50 <= {TARGET_LOOP_S:g} s: {loop_s.median:.2f} s: "
+        f"- loop of {outcome.items} items (parallelism {outcome.parallelism}) p50 <= "
+        f"{TARGET_LOOP_S:g} s: {loop_s.median:.2f} s: "
         f"{'met' if under else 'missed'}",
         f"- loop no slower than {outcome.items} separate executions (same run): "
         f"{loop_s.median:.2f} s against {separate_s.median:.2f} s "
@@ -270,7 +299,7 @@ def verdicts(outcome: Outcome) -> tuple[list[str], bool]:
 
 def table(outcome: Outcome) -> str:
     rows = []
-    for case in cases():
+    for case in cases(outcome.parallelism):
         found: Spread = spread(outcome.seconds[case.key])
         per_item_ms = found.median * 1000 / outcome.items
         rows.append(
@@ -308,11 +337,11 @@ def run(args: argparse.Namespace, command: str) -> int:
         if args.png:
             from bench import chart
 
-            info = report.machine_info([], args.loop, None)
+            info = report.machine_info(outcome.layers, args.loop, shutil.which("node"))
             chart.loop_items(args.png, rates(outcome.distributed), outcome.distributed, info)
     text = body + "\n\n" + "\n".join(lines)
     if args.markdown:
-        info = report.machine_info([], args.loop, None)
+        info = report.machine_info(outcome.layers, args.loop, shutil.which("node"))
         print(report.document(f"## loops: {HELP}", command, info, text))
     else:
         print(text)

@@ -22,7 +22,7 @@ def test_reports_every_case_and_the_distributed_loops_samples(tmp_path: Path) ->
     assert code in (0, 1)  # 1: a target missed, which a loaded machine may do
     outcome = json.loads(out.read_text())["outcome"]
     assert outcome["items"] == 12
-    assert set(outcome["seconds"]) == {"loop", "executions", "loop-p1"}
+    assert set(outcome["seconds"]) == {"loop", "loop-default", "executions", "loop-p1"}
     assert all(len(found) == 1 and found[0] > 0 for found in outcome["seconds"].values())
     distributed = outcome["distributed"]
     assert distributed["items"] == 40 and distributed["took_s"] > 0
