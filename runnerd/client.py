@@ -311,9 +311,10 @@ class Client:
     async def _check_bundles(self, integration: Integration, digest: str) -> None:
         """BundleMissing unless every bundle its steps name is stored (asked once per
         integration and client: a bundle, once stored, stays until an operator deletes it)."""
-        for bundle_id in sorted({step.bundle for step in integration.steps if step.bundle}):
+        bundled = _bundled_steps(integration)
+        for bundle_id in sorted({bundle for _, bundle in bundled}):
             if not await self.redis.exists(self.keys.bundle_manifest(bundle_id)):
-                steps = [step.name for step in integration.steps if step.bundle == bundle_id]
+                steps = [name for name, bundle in bundled if bundle == bundle_id]
                 raise BundleMissing(
                     f"integration {integration.name!r}: the dependency bundle of step(s) "
                     f"{', '.join(steps)} ({bundle_id[:12]}) is not stored; build it with: "
@@ -461,3 +462,15 @@ class Client:
         self, integration: Integration, input: Any = None, timeout: float = 30.0
     ) -> Result:
         return await self.wait(await self.submit(integration, input), timeout)
+
+
+def _bundled_steps(integration: Integration) -> list[tuple[str, str]]:
+    """(name, bundle id) of each step that runs code with a bundle; a loop's own steps are
+    named `loop.step`, as `runnerd bundle build` names them (a loop runs no code itself)."""
+    found: list[tuple[str, str]] = []
+    for step in integration.steps:
+        if step.for_each is None:
+            found.append((step.name, step.bundle))
+        else:
+            found += [(f"{step.name}.{inner.name}", inner.bundle) for inner in step.for_each.steps]
+    return [(name, bundle) for name, bundle in found if bundle]

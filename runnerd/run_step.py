@@ -4,6 +4,11 @@ The step file and the event file (`--input @event.json`) are read, the step runs
 sandbox, and the outcome is printed: a readable summary on a terminal (`--pretty`), one JSON
 object when piped (`--json`). `--watch` keeps one sandbox zygote and runs the step again each
 time its file or the event file changes (their mtimes polled), until Ctrl-C.
+
+It gives the step only what its command line says: no worker secret and no dependency
+bundle. A `{"secret": NAME}` value of `--env` is refused (the author gives the value itself:
+there is no integration here for RUNNERD_SECRETS_ALLOW to allow, and nothing to hide it
+from); a step that fails importing a package it lacks gets one line on what to do instead.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +37,7 @@ from runnerd.outcomes import (
     read_text,
     write_stdout,
 )
+from runnerd.secret_source import SecretRef
 from runnerd.settings import Settings
 from runnerd.spawner import Spawner, StepSpec
 from runnerd.zygote_link import SandboxOptions
@@ -47,6 +54,15 @@ LIMIT_FLAGS = (
     ("output_mb", int, "its output, MB"),
 )
 WATCH_POLL_S = 0.3
+# What Python and node say of a bare package name they cannot find (not of a relative path),
+# and what an ES module step's `ctx.require` is without a bundle.
+# Only as the error's own line (the runtimes print it first, or after the source line).
+_MISSING_PACKAGE = re.compile(
+    r"^(ModuleNotFoundError: No module named '(?P<module>[^'./][^'.]*)"
+    r"|Error: Cannot find module '(?P<package>[^'./][^']*)'"
+    r"|TypeError: (?P<require>ctx\.require is not a function))",
+    re.MULTILINE,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a variable of the step's environment (repeatable)",
+        help="a variable of the step's environment (repeatable); the value itself: run-step "
+        'resolves no {"secret": NAME}',
     )
     parser.add_argument("--exec", action="store_true", help="run the argv after -- as an exec step")
     shown = parser.add_mutually_exclusive_group()
@@ -129,8 +146,42 @@ def _environment(pairs: list[str]) -> dict[str, str]:
         key, equals, value = pair.partition("=")
         if not equals or not key:
             raise UsageError(f"--env needs KEY=VALUE, got {pair!r}")
+        if (secret := _secret_ref(value)) is not None:
+            raise UsageError(
+                f'--env {key}: run-step resolves no secrets ({{"secret": "{secret}"}} is '
+                f"resolved by serve, for the integrations RUNNERD_SECRETS_ALLOW allows); give "
+                f"the step the value itself: --env {key}=VALUE"
+            )
         env[key] = value
     return env
+
+
+def _secret_ref(value: str) -> str | None:
+    """The NAME of an integration's `{"secret": NAME}` env value, copied into --env."""
+    if not value.lstrip().startswith("{"):
+        return None
+    try:
+        return msgspec.json.decode(value, type=SecretRef).secret
+    except msgspec.DecodeError:
+        return None
+
+
+def _missing_package(outcome: StepOutcome, step: StepSpec) -> None:
+    """A step that failed for want of a package: say, in one line, where it can have one."""
+    if outcome.error is None or outcome.error.type != "exception":
+        return
+    found = _MISSING_PACKAGE.search(outcome.error.message)
+    if found is None:
+        return
+    name = found["module"] or found["package"]
+    needs = f"package {name}" if name else "a package (ctx.require)"
+    print(
+        f"runnerd: {step.filename} needs {needs}, and run-step gives a "
+        'step no dependency bundle: declare it in the integration\'s "dependencies", build '
+        "it (runnerd bundle build INTEGRATION.json) and run the step on a worker (runnerd "
+        "submit INTEGRATION.json --wait)",
+        file=sys.stderr,
+    )
 
 
 def command(
@@ -147,7 +198,9 @@ def command(
         return EXIT_OK
     step = step_spec_from_args(args, exec_argv)
     outcome: StepOutcome = run(_run_once(settings, step))
-    return _show(outcome, step, pretty)
+    shown = _show(outcome, step, pretty)
+    _missing_package(outcome, step)
+    return shown
 
 
 async def _run_once(settings: Settings, step: StepSpec) -> StepOutcome:
@@ -201,6 +254,7 @@ async def _watch(
             else:
                 outcome = _node_missing(settings, step) or await spawner.run_step(step)
                 _show(outcome, step, pretty)
+                _missing_package(outcome, step)
             names = " and ".join(str(path) for path in watched)
             print(f"runnerd: watching {names} for changes (Ctrl-C to stop)", file=sys.stderr)
             while _stamps(watched) == seen:

@@ -13,7 +13,9 @@ import redis
 
 from runnerd.keys import Keys
 from tests.runnerd.bundles import (
+    DEPENDENCIES,
     EXPECTED,
+    JS_STEP,
     STEP_FILES,
     XML_INPUT,
     bundle_dirs,
@@ -25,6 +27,7 @@ from tests.runnerd.bundles import (
 )
 from tests.runnerd.conftest import SHARED_REDIS_URL, Daemon, delete_keys
 
+LODASH_FILE = "integration.json"  # in the `lodash` directory beside the `built` one
 LODASH = {
     "name": "chunks",
     "dependencies": {"npm": {"lodash": "4.17.21"}},  # 1.4 MB unpacked
@@ -37,6 +40,46 @@ LODASH = {
         }
     ],
 }
+# A loop's sub-steps, each saying which bundle it found its package in. dateutil is also in
+# runnerd's own environment (a dependency of a dev tool), so importing it proves nothing: the
+# step names the bundle the module came from (`<cache>/<bundle id>/python/dateutil/...`).
+DATEUTIL_BUNDLE = """import pathlib
+import dateutil.parser
+
+def run(input, ctx):
+    assert dateutil.parser.parse("2024-03-01").year == 2024
+    return {**input, ctx.step.split(".")[-1]: pathlib.Path(dateutil.__file__).parents[2].name}
+"""
+LODASH_CHUNK = """const _ = require("lodash");
+module.exports.run = (input) => ({ ...input, loop_level: _.chunk([1, 2, 3], 2) });
+"""
+
+
+def loop_levels() -> dict[str, object]:
+    """Every level of a loop's dependencies, reusing the bundles `built` stores (the same
+    declarations: the same ids): sub-step `own` declares its own (the integration's pins),
+    `loop_level` has the loop step's (lodash), and the second loop's `shared` the
+    integration's."""
+    return {
+        "name": "levels",
+        "dependencies": DEPENDENCIES,
+        "steps": [
+            {
+                "name": "each",
+                "dependencies": LODASH["dependencies"],
+                "for_each": {
+                    "steps": [
+                        {"name": "own", "source": DATEUTIL_BUNDLE, "dependencies": DEPENDENCIES},
+                        {"name": "loop_level", "runtime": "node", "source": LODASH_CHUNK},
+                    ]
+                },
+            },
+            {
+                "name": "again",
+                "for_each": {"steps": [{"name": "shared", "source": DATEUTIL_BUNDLE}]},
+            },
+        ],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +147,7 @@ def test_the_least_recently_used_bundle_is_evicted_past_the_cap(
     built: tuple[Path, str], tmp_path: Path, workers: list[Daemon]
 ) -> None:
     path, prefix = built
-    other = path.parent / "lodash" / "integration.json"
+    other = path.parent / "lodash" / LODASH_FILE
     cache = tmp_path / "cache"
     workers.append(start_worker(tmp_path, prefix, cache, bundle_cache_mb=1))
     assert submit_wait(path, prefix, XML_INPUT)["status"] == "succeeded"
@@ -209,6 +252,45 @@ def test_a_package_that_fails_to_install_is_named(tool: str, tmp_path: Path, pre
     done = runnerd("bundle", "build", str(path), prefix=prefix)
     assert done.returncode == 1
     assert f"{tool} could not install package {missing}" in done.stderr, done.stderr
+
+
+def test_a_loops_sub_steps_get_their_own_bundle_else_the_loops_else_the_integrations(
+    built: tuple[Path, str], tmp_path: Path, workers: list[Daemon]
+) -> None:
+    shared_path, prefix = built
+    pins, lodash = _bundle_id(shared_path), _bundle_id(shared_path.parent / "lodash" / LODASH_FILE)
+    path = write(tmp_path / "levels", loop_levels())
+    workers.append(start_worker(tmp_path, prefix, tmp_path / "cache"))
+
+    result = submit_wait(path, prefix, [{"n": 1}, {"n": 2}])
+
+    # `own` imported dateutil from its own bundle (the loop's has only lodash), `loop_level`
+    # required lodash from the loop's (the integration's has none), `shared` imported
+    # dateutil from the integration's (its loop declares nothing).
+    assert result["status"] == "succeeded", result
+    chunked = [[1, 2], [3]]
+    assert result["output"] == [
+        {"n": n, "own": pins, "loop_level": chunked, "shared": pins} for n in (1, 2)
+    ]
+    assert lodash != pins
+    assert len(bundle_dirs(tmp_path / "cache")) == 2  # lodash, and the shared pins once
+
+
+def test_submit_refuses_a_loop_whose_sub_steps_bundle_is_not_stored(
+    tmp_path: Path, prefix: str, shared_redis: redis.Redis
+) -> None:
+    step = {"name": "parse", "code": "parse.js", "dependencies": {"npm": {"ms": "2.1.2"}}}
+    spec = {"name": "orders", "steps": [{"name": "each", "for_each": {"steps": [step]}}]}
+    path = write(tmp_path, spec, {"parse.js": JS_STEP})
+
+    done = runnerd("submit", str(path), "--input", "[]", prefix=prefix)
+
+    assert done.returncode == 1, done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "the dependency bundle of step(s) each.parse (" in lines[0]
+    assert "is not stored" in lines[0] and f"runnerd bundle build {path}" in lines[0]
+    assert shared_redis.exists(Keys(prefix, 1).work(0)) == 0  # nothing was enqueued
 
 
 def _bundle_id(path: Path) -> str:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,20 @@ import redis
 
 from runnerd.client import Client
 from runnerd.keys import Keys
-from runnerd.messages import Integration, checkpoint_decoder
-from tests.runnerd.conftest import SHARED_REDIS_URL, Daemon, ServeFactory, run_one, wait_for
+from runnerd.messages import (
+    Integration,
+    ItemResult,
+    checkpoint_decoder,
+    execution_decoder,
+)
+from tests.runnerd.conftest import (
+    SHARED_REDIS_URL,
+    Daemon,
+    ServeFactory,
+    run_one,
+    wait_all,
+    wait_for,
+)
 from tests.runnerd.test_commands import one_line, runnerd
 
 # Step uids of this module's own (a range the hostile suite's UID_BASE leaves free).
@@ -70,6 +83,28 @@ FAIL_PY = """
 def run(input, ctx):
     import os
     raise ValueError("could not log in with " + os.environ["TOKEN"])
+"""
+
+LOGIN_PY = """
+import os
+
+def run(input, ctx):
+    token = os.environ["TOKEN"]
+    print("login", token)
+    ctx.log(f"login {token}")
+    return {"items": [0, 1], "token": token}
+"""
+# Item 1 is still running when its worker is killed.
+ITEM_PY = """
+import os, time
+
+def run(input, ctx):
+    token = os.environ["TOKEN"]
+    print("item", input, token)
+    ctx.log(f"item {input} {token}")
+    if input == 1:
+        time.sleep(60)
+    return {"n": input, "token": token}
 """
 
 
@@ -308,3 +343,59 @@ def test_a_loop_item_refused_a_secret_is_not_retried(
     assert [item["error"]["type"] for item in result.output] == ["secret", "secret"]
     counts = result.steps[0].items
     assert counts is not None and (counts.failed, counts.retried) == (2, 0)
+
+
+def test_a_dead_letter_of_an_execution_that_used_a_secret_holds_no_value(
+    serve: ServeFactory, prefix: str, shared_redis: redis.Redis, tmp_path: Path
+) -> None:
+    """The real way to a dead letter: the worker running the execution dies (SIGKILL) after
+    its steps had the secret, and the one that takes the entry over finds it delivered once
+    more than RUNNERD_MAX_DELIVERIES allows. What the execution left in Redis (its loop's
+    finished item, kept with the dead letter) carries `***`, never the value."""
+    api_key = secret_value()
+    directory = secrets_dir(tmp_path, {})
+    settings = {"max_deliveries": 1, "claim_idle_s": 1}
+    first = start(serve, directory, api_key, **settings)
+    env = {"TOKEN": {"secret": "API_KEY"}}
+    loop = {"items": "items", "parallelism": 1}
+    loop["steps"] = [{"name": "use", "source": ITEM_PY, "env": env}]
+    spec = {
+        "name": "orders",
+        "steps": [
+            {"name": "login", "source": LOGIN_PY, "env": env},
+            {"name": "each", "for_each": loop},
+        ],
+    }
+    integration = Integration.from_dict(spec)
+    keys = Keys(prefix, 1)
+
+    async def submit() -> str:
+        async with Client.connect(SHARED_REDIS_URL, prefix) as client:
+            return await client.submit(integration, None)
+
+    execution_id = asyncio.run(submit())
+    items = keys.loop_items(execution_id, 1, 0)  # loop step 1, items 0..255
+    wait_for(
+        lambda: shared_redis.hexists(items, "r0") and shared_redis.hexists(items, "s1"),
+        30,
+        "item 0 ended with the secret, item 1 running",
+    )
+    os.killpg(first.pid, signal.SIGKILL)  # the worker, its zygote and the step: a crash
+    first.process.wait(10)
+    second = start(serve, directory, api_key, **settings)
+    (result,) = asyncio.run(wait_all(SHARED_REDIS_URL, prefix, [execution_id], timeout_s=30))
+
+    reason = "delivered 2 times (limit 1)"
+    assert result.status == "dead"
+    assert result.error is not None and result.error.message == reason
+    ((_, letter),) = shared_redis.xrange(keys.dead(0))
+    assert letter[b"reason"].decode() == reason
+    assert execution_decoder.decode(letter[b"entry"]).execution_id == execution_id
+    # Item 0's end stays with the dead letter (expiring with the result), masked.
+    kept = msgspec.msgpack.decode(shared_redis.hget(items, "r0") or b"", type=ItemResult)
+    assert msgspec.msgpack.decode(kept.output) == {"n": 0, "token": "***"}
+    stored = everything_stored(shared_redis, prefix)
+    assert execution_id.encode() in stored and b"API_KEY" in stored  # read, not empty
+    assert api_key.encode() not in stored
+    for daemon in (first, second):
+        assert api_key not in daemon.log()
