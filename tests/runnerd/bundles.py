@@ -19,13 +19,18 @@ DEPENDENCIES = {"npm": {"fast-xml-parser": "4.5.0"}, "pip": {"python-dateutil": 
 JS_STEP = """const { XMLParser } = require("fast-xml-parser");
 module.exports.run = (input) => new XMLParser().parse(input.xml);
 """
-PY_STEP = """import dateutil.parser
+# runnerd's own environment may hold python-dateutil too (matplotlib, of the test extra, needs
+# it), and a step can import from it: where the module came from says the bundle provided it.
+PY_STEP = """import os
+import dateutil.parser
 
 def run(input, ctx):
-    return {"order": input["order"], "year": dateutil.parser.parse("2024-03-01T10:00").year}
+    year = dateutil.parser.parse("2024-03-01T10:00").year
+    bundled = os.path.dirname(dateutil.__file__).endswith("/python/dateutil")
+    return {"order": input["order"], "year": year, "from_bundle": bundled}
 """
 XML_INPUT = {"xml": "<order><id>7</id></order>"}
-EXPECTED = {"order": {"id": 7}, "year": 2024}
+EXPECTED = {"order": {"id": 7}, "year": 2024, "from_bundle": True}
 _UIDS = itertools.count()
 
 
