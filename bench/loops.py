@@ -5,12 +5,13 @@ The seed's case: `--items` files (500), each parsed by a Python step (CSV text t
 transformed by a JavaScript step (rows to a count and a total). Every repetition runs, in a
 rotating order, on one worker:
 
-- `loop`: one execution with a for_each step over the files, `--parallelism` at a time (the
-  worker's concurrency by default: the loop alone on its worker);
-- `loop-default`: the same at the default parallelism (half the concurrency);
+- `loop-default`: one execution with a for_each step over the files, at the default
+  parallelism (half the worker's concurrency): the targets are this case's;
+- `loop`: the same, `--parallelism` at a time (the worker's concurrency by default: the loop
+  alone on its worker);
 - `executions`: the same files as that many separate two-step executions, submitted at once
   and all awaited (first submit to last result), the way an author without loops would;
-- `loop, parallelism 1`: the loop with one item in flight, for comparison.
+- `loop-p1`: the loop with one item in flight, for comparison.
 
 Each figure is one execution's end to end time (submit to result in hand), checked item by
 item. Then, with `--distributed-items` above 0, one loop of that many items with
@@ -274,18 +275,28 @@ def rates(distributed: Distributed) -> list[tuple[float, float]]:
     return found
 
 
+def ratios(outcome: Outcome, key: str) -> Spread:
+    """A case's time over the separate executions' within each repetition (the machine's
+    speed drifts from one repetition to the next; within one, the cases run back to back)."""
+    pairs = zip(outcome.seconds[key], outcome.seconds["executions"], strict=True)
+    return spread([case / separate for case, separate in pairs])
+
+
 def verdicts(outcome: Outcome) -> tuple[list[str], bool]:
-    loop_s = spread(outcome.seconds["loop"])
-    separate_s = spread(outcome.seconds["executions"])
+    """The targets are the default loop's: what an author gets without tuning."""
+    loop_s = spread(outcome.seconds["loop-default"])
+    ratio = ratios(outcome, "loop-default")
+    wide = ratios(outcome, "loop")
     under = loop_s.median <= TARGET_LOOP_S
-    not_slower = loop_s.median <= separate_s.median
+    not_slower = ratio.median <= 1.0
     lines = [
-        f"- loop of {outcome.items} items (parallelism {outcome.parallelism}) p50 <= "
-        f"{TARGET_LOOP_S:g} s: {loop_s.median:.2f} s: "
-        f"{'met' if under else 'missed'}",
-        f"- loop no slower than {outcome.items} separate executions (same run): "
-        f"{loop_s.median:.2f} s against {separate_s.median:.2f} s "
-        f"(ratio {loop_s.median / separate_s.median:.2f}): {'met' if not_slower else 'missed'}",
+        f"- loop of {outcome.items} items (default parallelism) p50 <= {TARGET_LOOP_S:g} s: "
+        f"{loop_s.median:.2f} s: {'met' if under else 'missed'}",
+        f"- loop no slower than {outcome.items} separate executions (same repetition): "
+        f"median ratio {ratio.median:.2f} ({ratio.low:.2f}-{ratio.high:.2f}): "
+        f"{'met' if not_slower else 'missed'}",
+        f"- for comparison, parallelism {outcome.parallelism} over separate executions: median "
+        f"ratio {wide.median:.2f} ({wide.low:.2f}-{wide.high:.2f})",
     ]
     met = under and not_slower
     if outcome.distributed is not None:
