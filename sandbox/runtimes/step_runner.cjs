@@ -88,19 +88,6 @@ function compileCommonJS(source, filename, tmpdir, bundle) {
   return { run: step.exports?.run, default: step.exports };
 }
 
-// A package of the bundle finds its own dependencies as node does, by node_modules in each
-// directory above it; above the bundle that would be the cache's parents, which outside a
-// filesystem view may be a tree other steps can write to (/var/tmp): one customer could plant
-// `node_modules/<name>` there for a package of another's bundle that lacks <name>. Lookups
-// stop at the bundle's root: what the bundle does not hold is not found.
-function confineToBundle(bundle) {
-  let root;
-  try { root = fs.realpathSync(bundle); } catch { root = path.resolve(bundle); }
-  const inside = root + path.sep;
-  const nodeModulePaths = Module._nodeModulePaths;
-  Module._nodeModulePaths = (from) => nodeModulePaths(from).filter((p) => p.startsWith(inside));
-}
-
 function commonJSPath(filename, tmpdir) {
   return path.join(tmpdir, path.basename(filename));
 }
@@ -131,7 +118,10 @@ async function runStep(request, config) {
   let value;
   let loaded = false;
   try {
-    if (request.bundle) confineToBundle(request.bundle);
+    if (request.bundle) { // no node_modules lookup above the bundle: other steps may write there
+      const inside = fs.realpathSync(request.bundle) + path.sep, lookup = Module._nodeModulePaths;
+      Module._nodeModulePaths = (from) => lookup(from).filter((p) => p.startsWith(inside));
+    }
     const run = await Promise.race([loadStep(request, config.tmpdir), escaped]);
     loaded = true;
     const ctx = {
