@@ -12,6 +12,7 @@ import asyncio
 import gzip
 import hashlib
 import io
+import os
 import shutil
 import stat
 import tarfile
@@ -30,6 +31,7 @@ from runnerd.bundle_store import CHUNK_BYTES, BundleManifest, chunks_of
 from runnerd.client import Client
 from runnerd.integration import Integration
 from runnerd.keys import Keys
+from tests.conftest import PROFILES
 from tests.hostile.conftest import Witnesses
 from tests.runnerd.bundles import start_worker, submit_wait, write
 from tests.runnerd.conftest import SHARED_REDIS_URL, Daemon, delete_keys
@@ -194,36 +196,51 @@ ARCHIVES = {
 # --- storing a forged bundle ----------------------------------------------------------------
 
 
-@pytest.fixture
-def prefix() -> Iterator[str]:
+@dataclass(frozen=True)
+class Served:
+    profile: str
+    prefix: str
+    cache: Path
+    worker: Daemon
+
+
+@pytest.fixture(scope="module", params=PROFILES)
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    """One worker per profile for the module: every forged bundle has an id of its own, and a
+    worker that any of them harmed fails that test (it must be alive and serve the next step)."""
+    if request.param == "fargate" and os.geteuid() != 0:
+        pytest.skip("the Fargate profile launcher needs root")
     prefix = f"tf{uuid.uuid4().hex[:12]}"
+    # Under /var/tmp, not the test's 0700 tmp_path: without a view, the step uids must be
+    # able to pass through the cache's parents to read it at all.
+    cache = Path("/var/tmp") / f"runnerd-forged-{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(SHARED_REDIS_URL)
+    daemon = start_worker(tmp_path_factory.mktemp("worker"), prefix, cache, profile=request.param)
     try:
-        yield prefix
+        yield Served(str(request.param), prefix, cache, daemon)
     finally:
+        daemon.stop()
+        shutil.rmtree(cache, ignore_errors=True)
         delete_keys(client, f"{{{prefix}*")
         delete_keys(client, f"{prefix}*")
         client.close()
 
 
 @pytest.fixture
-def cache() -> Iterator[Path]:
-    # Under /var/tmp, not the test's 0700 tmp_path: without a view, the step uids must be
-    # able to pass through the cache's parents to read it at all.
-    path = Path("/var/tmp") / f"runnerd-forged-{uuid.uuid4().hex[:8]}"
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def prefix(served: Served) -> str:
+    return served.prefix
 
 
 @pytest.fixture
-def worker(tmp_path: Path, prefix: str, cache: Path, profile: str) -> Iterator[Daemon]:
-    daemon = start_worker(tmp_path, prefix, cache, profile=profile)
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+def cache(served: Served) -> Path:
+    return served.cache
+
+
+@pytest.fixture
+def worker(served: Served) -> Daemon:
+    return served.worker
 
 
 def _integration(directory: Path, name: str, source: str = STEP) -> tuple[Path, str]:
@@ -270,9 +287,14 @@ def _peak_mb(pid: int) -> float:
 
 
 def _assert_worker_unharmed(
-    worker: Daemon, cache: Path, tmp_path: Path, prefix: str, witnesses: Witnesses
+    worker: Daemon,
+    cache: Path,
+    tmp_path: Path,
+    prefix: str,
+    witnesses: Witnesses,
+    bundle_id: str | None = None,
 ) -> None:
-    """Alive, serving the next step, nothing left in staging, no bundle unpacked from it."""
+    """Alive, serving the next step, nothing left in staging, the forged bundle not unpacked."""
     assert worker.is_alive(), worker.log()[-3000:]
     plain = write(
         tmp_path / "plain",
@@ -282,7 +304,8 @@ def _assert_worker_unharmed(
     after = submit_wait(plain, prefix, None)
     assert after["status"] == "succeeded" and after["output"] == "ran", after
     assert list((cache / ".staging").iterdir()) == []
-    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == []
+    if bundle_id is not None:
+        assert not (cache / bundle_id).exists()
     assert "failed in the worker" not in worker.log(), worker.log()[-3000:]
     witnesses.assert_unharmed()
 
@@ -318,7 +341,7 @@ def test_a_forged_archive_is_refused_as_the_steps_bundle_error(
         assert (outside / "x").read_text() == "root's\n"
     if forged.bomb:
         assert _peak_mb(worker.pid) < DAEMON_PEAK_MB_MAX
-    _assert_worker_unharmed(worker, cache, tmp_path, prefix, witnesses)
+    _assert_worker_unharmed(worker, cache, tmp_path, prefix, witnesses, bundle_id)
 
 
 def _manifest_chunks_off(prefix: str, bundle_id: str) -> None:
@@ -386,7 +409,7 @@ def test_a_forged_manifest_is_refused_as_the_steps_bundle_error(
     assert f"bundle {bundle_id[:12]}" in result["error"]["message"], result["error"]
     assert said in result["error"]["message"], result["error"]
     assert _peak_mb(worker.pid) < DAEMON_PEAK_MB_MAX
-    _assert_worker_unharmed(worker, cache, tmp_path, prefix, witnesses)
+    _assert_worker_unharmed(worker, cache, tmp_path, prefix, witnesses, bundle_id)
 
 
 def test_a_bundle_id_with_path_characters_names_no_directory(
@@ -452,7 +475,7 @@ def test_a_forged_archives_modes_reach_no_step(
     # EACCES (root's directory, 0755) or, in the view, EROFS (a read-only bind).
     assert seen.pop("write") in ("PermissionError", "OSError"), seen
     assert seen == {"python": "0o755", "python/tool": "0o755", "python/open": "0o755"}, seen
-    [unpacked] = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    unpacked = cache / bundle_id
     for name in ("python", "python/tool", "python/open"):
         st = (unpacked / name).stat()
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0), name
@@ -539,7 +562,7 @@ def _package(name: str, index: str) -> list[tuple[tarfile.TarInfo, bytes]]:
 
 
 def test_a_bundles_package_is_not_handed_a_module_planted_above_the_cache(
-    prefix: str, tmp_path: Path, profile: str, witnesses: Witnesses
+    served: Served, tmp_path: Path, witnesses: Witnesses
 ) -> None:
     """A package of a bundle requires a name the bundle lacks. Node looks for it in the
     node_modules of every directory above the package; above the bundle are the cache's
@@ -552,7 +575,10 @@ def test_a_bundles_package_is_not_handed_a_module_planted_above_the_cache(
     planted = nest / "node_modules" / "planted"
     planted.mkdir(parents=True)
     (planted / "index.js").write_text("module.exports = 'planted code ran';\n")
-    daemon = start_worker(tmp_path, prefix, nest / "cache", profile=profile)
+    # A prefix and worker of its own: the module's worker, its cache elsewhere, must not be
+    # the one that takes this execution.
+    prefix = f"tf{uuid.uuid4().hex[:12]}"
+    daemon = start_worker(tmp_path, prefix, nest / "cache", profile=served.profile)
     try:
         spec = {
             "name": "leaky",
@@ -577,3 +603,7 @@ def test_a_bundles_package_is_not_handed_a_module_planted_above_the_cache(
     finally:
         daemon.stop()
         shutil.rmtree(nest, ignore_errors=True)
+        client = redis.Redis.from_url(SHARED_REDIS_URL)
+        delete_keys(client, f"{{{prefix}*")
+        delete_keys(client, f"{prefix}*")
+        client.close()
