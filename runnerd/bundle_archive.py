@@ -86,7 +86,11 @@ def unpack(data: bytes, into: Path, size_max: int) -> int:
         gz = gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb")
         stream = _Capped(gz, stream_max)
         with tarfile.open(fileobj=stream, mode="r:", tarinfo=_NoSparse) as tar:
-            for count, member in enumerate(tar, start=1):
+            count = 0
+            while (member := tar.next()) is not None:
+                # The reader keeps every member it read, each with its pax records: keep none.
+                tar.members.clear()  # type: ignore[attr-defined]
+                count += 1
                 if count > ENTRIES_MAX:
                     raise ArchiveError(f"more than {ENTRIES_MAX} entries")
                 _check(member)
@@ -106,16 +110,28 @@ def unpack(data: bytes, into: Path, size_max: int) -> int:
     return total
 
 
+_GLOBAL_PAX = tarfile.XGLTYPE
+
+
 class _NoSparse(tarfile.TarInfo):
     """A sparse member's map is read before the member is seen, block after block with no
-    bound of its own (GNU's 'S' type and pax's GNU.sparse 1.0): 600 MB of stream would be
-    tens of millions of Python ints. A bundle never holds a sparse file; refuse it first."""
+    bound of its own (GNU's 'S' type and pax's GNU.sparse forms): 600 MB of stream would be
+    tens of millions of Python ints. A bundle never holds a sparse file; refuse it first.
+    A global pax header is refused too (a build writes none): the reader copies its records
+    into every later member, so 50 KB of them times 200,000 entries would be gigabytes."""
 
     def _proc_sparse(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
         raise ArchiveError(f"{self.name!r}: a sparse file (a bundle holds plain files only)")
 
-    def _proc_gnusparse_10(self, *args: object) -> None:
+    def _proc_pax(self, reader: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type == _GLOBAL_PAX:
+            raise ArchiveError("a global pax header (a bundle's archive has none)")
+        return super()._proc_pax(reader)  # type: ignore[misc,no-any-return]
+
+    def _proc_gnusparse_00(self, *args: object) -> None:
         raise ArchiveError("a sparse file (a bundle holds plain files only)")
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
 
 
 class _Capped(io.RawIOBase):
@@ -135,6 +151,10 @@ class _Capped(io.RawIOBase):
         return self.raw.read(size)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        # Never back: a tar read goes forward only, and a member of negative size would have
+        # the reader read the same bytes again as other files, past every cap.
+        if offset < self.raw.tell():
+            raise ArchiveError("a member of negative size (the archive steps back)")
         if whence != io.SEEK_SET or offset > self.limit:
             raise ArchiveError(f"a tar stream of more than {self.limit // 2**20} MB")
         return self.raw.seek(offset)
@@ -148,6 +168,8 @@ class _Capped(io.RawIOBase):
 
 def _check(member: tarfile.TarInfo) -> None:
     name = member.name
+    if member.size < 0:
+        raise ArchiveError(f"{name!r}: a negative size")
     parts = name.split("/")
     if name.startswith("/") or ".." in parts or not name or "\0" in name:
         raise ArchiveError(f"{name!r}: a path outside the bundle")

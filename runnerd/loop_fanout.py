@@ -88,15 +88,16 @@ class Fanout:
         await self.store.save_checkpoint(execution_id, Checkpoint(index, attempt, payload, reports))
         fresh = await self.loops.start_distributed(execution_id, index, step.name, total, attempt)
         if fresh or not await self.loops.all_enqueued(execution_id, index):
+            # Said before the entries exist: every entry of an item then has its line.
+            log.info(
+                "loop %s handed %d items to the work streams%s",
+                step.name,
+                total,
+                "" if fresh else " (again: the worker that started it was lost)",
+                extra={"execution_id": execution_id, "worker_id": self.worker_id},
+            )
             await self._enqueue(execution, index, items, attempt)
         await self.store.ack(entry)
-        log.info(
-            "loop %s handed %d items to the work streams%s",
-            step.name,
-            total,
-            "" if fresh else " (again: the worker that started it was lost)",
-            extra={"execution_id": execution_id, "worker_id": self.worker_id},
-        )
         return total
 
     async def _enqueue(
@@ -157,27 +158,6 @@ class Fanout:
             await self.store.ack(entry)
             return None
         where = {"execution_id": execution_id, "worker_id": self.worker_id}
-        if state.started_by is not None:
-            self.runner.metrics.loop_items.labels("rerun").inc()
-            await self.loops.item_rerun(execution_id, item.step)
-            log.info(
-                "loop %s item %d runs again: worker %s was lost while it ran",
-                step.name,
-                item.index,
-                state.started_by,
-                extra=where,
-            )
-        elif entry.deliveries > 1:
-            # Not started before, yet delivered again (its worker was lost before it started
-            # the item, or Redis stalled long enough for the entry to look idle): said, so that
-            # every run of an item is accounted for in the logs.
-            log.info(
-                "loop %s item %d delivered again (delivery %d)",
-                step.name,
-                item.index,
-                entry.deliveries,
-                extra=where,
-            )
         if state.cancelled:
             result = ItemResult(
                 False,
@@ -196,6 +176,27 @@ class Fanout:
                 runs=0,
             )
         else:
+            if state.started_by is not None:
+                self.runner.metrics.loop_items.labels("rerun").inc()
+                await self.loops.item_rerun(execution_id, item.step, execution.attempt)
+                log.info(
+                    "loop %s item %d runs again: worker %s was lost while it ran",
+                    step.name,
+                    item.index,
+                    state.started_by,
+                    extra=where,
+                )
+            elif entry.deliveries > 1:
+                # Not started before, yet delivered again (its worker was lost before it started
+                # the item, or Redis stalled long enough for the entry to look idle): said, so that
+                # every run of an item is accounted for in the logs.
+                log.info(
+                    "loop %s item %d delivered again (delivery %d)",
+                    step.name,
+                    item.index,
+                    entry.deliveries,
+                    extra=where,
+                )
             started = time.perf_counter()
             result, _ = await self.runner.item(
                 execution_id, item.step, step, item.index, state.value, execution.attempt, run_step

@@ -84,6 +84,13 @@ return 1
 """
 
 
+# KEYS: the loop hash. ARGV: k, attempt.
+_ITEM_RERUN = """
+if redis.call('HGET', KEYS[1], ARGV[1] .. ':attempt') ~= ARGV[2] then return 0 end
+return redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':rerun', 1)
+"""
+
+
 class ItemState(msgspec.Struct, frozen=True):
     """What a distributed item's worker reads before it runs the item."""
 
@@ -121,6 +128,7 @@ class LoopStore:
         self._item_done = redis.register_script(_ITEM_DONE)
         self._distributed_item_done = redis.register_script(_DISTRIBUTED_ITEM_DONE)
         self._distributed_start = redis.register_script(_DISTRIBUTED_START)
+        self._item_rerun = redis.register_script(_ITEM_RERUN)
 
     def chunk(self, execution_id: str, step: int, index: int) -> str:
         return self.keys.loop_items(execution_id, step, index // LOOP_CHUNK)
@@ -242,8 +250,10 @@ class LoopStore:
         began_s = int(started) / 1000 if started is not None else time.time()
         return DistributedSummary(int(total or 0), int(rerun or 0), time.time() - began_s)
 
-    async def item_rerun(self, execution_id: str, step: int) -> None:
-        await self.redis.hincrby(self.keys.loop(execution_id), f"{step}:rerun", 1)
+    async def item_rerun(self, execution_id: str, step: int, attempt: int) -> None:
+        """Count a re-run in this attempt's loop only (never in a forgotten one's, which the
+        HINCRBY would make again, without a TTL)."""
+        await self._item_rerun(keys=[self.keys.loop(execution_id)], args=[step, attempt])
 
     async def item_state(self, execution_id: str, step: int, index: int) -> ItemState:
         k = self.keys

@@ -118,8 +118,8 @@ async function runStep(request, config) {
   let value;
   let loaded = false;
   try {
-    if (request.bundle) { // no node_modules lookup above the bundle: other steps may write there
-      const inside = fs.realpathSync(request.bundle) + path.sep, lookup = Module._nodeModulePaths;
+    if (request.bundle) { // no require() lookup above the bundle (its real path, used from here on)
+      const inside = (request.bundle = fs.realpathSync(request.bundle)) + path.sep, lookup = Module._nodeModulePaths;
       Module._nodeModulePaths = (from) => lookup(from).filter((p) => p.startsWith(inside));
     }
     const run = await Promise.race([loadStep(request, config.tmpdir), escaped]);

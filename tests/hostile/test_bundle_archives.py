@@ -126,6 +126,27 @@ def _gnu_sparse_map() -> bytes:
     return _deflated(bytes(header), block * 200_000)
 
 
+def _negative_size() -> bytes:
+    """A pax record giving a member a negative size: the reader would step back and read the
+    same bytes again as further files, past the size and stream caps."""
+    pax = tarfile.TarInfo("x")._create_pax_generic_header(
+        {"size": "-2048"}, tarfile.XHDTYPE, "utf-8"
+    )
+    return gzip.compress(pax + _tar((_member("python/a"), b"a" * 4096)))
+
+
+def _pax_globals() -> bytes:
+    """One global pax header of 6,000 records, then 1,500 directories: the reader copies the
+    records into every member it keeps (300 MB at its peak from 18 KB of gzip)."""
+    records = {f"k{n}": "v" for n in range(6000)}
+    header = tarfile.TarInfo("g")._create_pax_generic_header(records, tarfile.XGLTYPE, "utf-8")
+    dirs = b"".join(
+        _member(f"python/d{n}", tarfile.DIRTYPE).tobuf(format=tarfile.USTAR_FORMAT)
+        for n in range(1500)
+    )
+    return gzip.compress(header + dirs + b"\0" * tarfile.RECORDSIZE)
+
+
 def _corrupt_deflate() -> bytes:
     data = bytearray(gzip.compress(_tar((_member("python/m.py"), b"x = 1\n" * 5000))))
     for index in range(20, len(data) - 20, 7):
@@ -188,6 +209,8 @@ ARCHIVES = {
     "pax_sparse_map": Forged(lambda o: _pax_sparse_map(), "a sparse file", bomb=True),
     "gnu_sparse_map": Forged(lambda o: _gnu_sparse_map(), "a sparse file", bomb=True),
     "pax_chain": Forged(lambda o: gzip.compress(_pax_chain()), ""),
+    "pax_globals": Forged(lambda o: _pax_globals(), "a global pax header", bomb=True),
+    "negative_size": Forged(lambda o: _negative_size(), "negative size"),
     "corrupt_deflate": Forged(lambda o: _corrupt_deflate(), "not a readable bundle archive"),
     "files_then_broken": Forged(lambda o: _files_then_broken(), ""),
 }
