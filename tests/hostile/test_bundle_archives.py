@@ -33,7 +33,8 @@ from runnerd.integration import Integration
 from runnerd.keys import Keys
 from tests.conftest import PROFILES
 from tests.hostile.conftest import Witnesses
-from tests.runnerd.bundles import start_worker, submit_wait, write
+from tests.runnerd.bundles import start_worker, submit_wait, tar_member, write
+from tests.runnerd.bundles import tar_of as _tar_of
 from tests.runnerd.conftest import SHARED_REDIS_URL, Daemon, delete_keys
 
 STEP = "def run(input, ctx):\n    return 'ran'\n"
@@ -46,22 +47,8 @@ BOMB_BYTES = 1 << 30  # what a bomb's header claims: 1 GiB, about 1 MB once comp
 # --- archives ----------------------------------------------------------------------------------
 
 
-def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for info, content in members:
-            info.size = len(content) if info.isfile() else 0
-            tar.addfile(info, io.BytesIO(content) if info.isfile() else None)
-    return raw.getvalue()
-
-
-def _member(name: str, kind: bytes = tarfile.REGTYPE, **fields: Any) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.mode = 0o644
-    for key, value in fields.items():
-        setattr(info, key, value)
-    return info
+def _tar_raw(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    return _tar_of(*members, compress=False)
 
 
 def _deflated(*parts: bytes | tuple[bytes, int]) -> bytes:
@@ -107,7 +94,7 @@ def _pax_sparse_map() -> bytes:
         tarfile.XHDTYPE,
         "utf-8",
     )
-    info = _member("python/s", size=BOMB_BYTES)
+    info = tar_member("python/s", size=BOMB_BYTES)
     return _deflated(
         pax, info.tobuf(format=tarfile.USTAR_FORMAT), b"%d\n" % fields, (b"0\n", 2 * fields)
     )
@@ -116,7 +103,7 @@ def _pax_sparse_map() -> bytes:
 def _gnu_sparse_map() -> bytes:
     """An old GNU sparse ('S') member with a chain of 200,000 extension blocks, 21 map
     entries each: read and kept before the member is seen."""
-    info = _member("python/s", tarfile.GNUTYPE_SPARSE, size=0)
+    info = tar_member("python/s", tarfile.GNUTYPE_SPARSE, size=0)
     header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
     header[482] = 1  # isextended
     header[148:156] = b" " * 8  # the checksum, counted as spaces
@@ -132,7 +119,7 @@ def _negative_size() -> bytes:
     pax = tarfile.TarInfo("x")._create_pax_generic_header(
         {"size": "-2048"}, tarfile.XHDTYPE, "utf-8"
     )
-    return gzip.compress(pax + _tar((_member("python/a"), b"a" * 4096)))
+    return gzip.compress(pax + _tar_raw((tar_member("python/a"), b"a" * 4096)))
 
 
 def _pax_globals() -> bytes:
@@ -141,14 +128,14 @@ def _pax_globals() -> bytes:
     records = {f"k{n}": "v" for n in range(6000)}
     header = tarfile.TarInfo("g")._create_pax_generic_header(records, tarfile.XGLTYPE, "utf-8")
     dirs = b"".join(
-        _member(f"python/d{n}", tarfile.DIRTYPE).tobuf(format=tarfile.USTAR_FORMAT)
+        tar_member(f"python/d{n}", tarfile.DIRTYPE).tobuf(format=tarfile.USTAR_FORMAT)
         for n in range(1500)
     )
     return gzip.compress(header + dirs + b"\0" * tarfile.RECORDSIZE)
 
 
 def _corrupt_deflate() -> bytes:
-    data = bytearray(gzip.compress(_tar((_member("python/m.py"), b"x = 1\n" * 5000))))
+    data = bytearray(_tar_of((tar_member("python/m.py"), b"x = 1\n" * 5000)))
     for index in range(20, len(data) - 20, 7):
         data[index] ^= 0x5A
     return bytes(data)
@@ -156,8 +143,8 @@ def _corrupt_deflate() -> bytes:
 
 def _files_then_broken() -> bytes:
     """40 MB of files the unpacking writes, then a header chain that breaks the tar reader."""
-    files = [(_member(f"python/blob{n}.bin"), b"\0" * (1 << 20)) for n in range(40)]
-    tar = _tar(*files)
+    files = [(tar_member(f"python/blob{n}.bin"), b"\0" * (1 << 20)) for n in range(40)]
+    tar = _tar_raw(*files)
     return gzip.compress(tar[: -tarfile.RECORDSIZE] + _pax_chain(), compresslevel=1)
 
 
@@ -173,32 +160,26 @@ def _outside(outside: Path, name: str) -> str:
 
 
 ARCHIVES = {
-    "dotdot": Forged(lambda o: gzip.compress(_tar((_member(_outside(o, "x")), b"x"))), "outside"),
-    "absolute": Forged(lambda o: gzip.compress(_tar((_member(str(o / "x")), b"x"))), "outside"),
+    "dotdot": Forged(lambda o: _tar_of((tar_member(_outside(o, "x")), b"x")), "outside"),
+    "absolute": Forged(lambda o: _tar_of((tar_member(str(o / "x")), b"x")), "outside"),
     "symlink_then_file": Forged(
-        lambda o: gzip.compress(
-            _tar(
-                (_member("python/out", tarfile.SYMTYPE, linkname=str(o)), b""),
-                (_member("python/out/x"), b"x"),
-            )
+        lambda o: _tar_of(
+            (tar_member("python/out", tarfile.SYMTYPE, linkname=str(o)), b""),
+            (tar_member("python/out/x"), b"x"),
         ),
         "a link",
     ),
     "hardlink": Forged(
-        lambda o: gzip.compress(
-            _tar((_member("python/h", tarfile.LNKTYPE, linkname=str(o / "x")), b""))
-        ),
+        lambda o: _tar_of((tar_member("python/h", tarfile.LNKTYPE, linkname=str(o / "x")), b"")),
         "a link",
     ),
     "device": Forged(
-        lambda o: gzip.compress(
-            _tar((_member("python/mem", tarfile.CHRTYPE, devmajor=1, devminor=1), b""))
-        ),
+        lambda o: _tar_of((tar_member("python/mem", tarfile.CHRTYPE, devmajor=1, devminor=1), b"")),
         "a device",
     ),
     "huge_file": Forged(
         lambda o: _deflated(
-            _member("python/zeros", size=BOMB_BYTES).tobuf(format=tarfile.GNU_FORMAT),
+            tar_member("python/zeros", size=BOMB_BYTES).tobuf(format=tarfile.GNU_FORMAT),
             (b"\0", BOMB_BYTES),
         ),
         "unpacks to more than",
@@ -371,7 +352,7 @@ def _manifest_chunks_off(prefix: str, bundle_id: str) -> None:
     # A few bytes of archive in two chunks. Seen before the check: with 10**12 the worker
     # built a list of key names until it was stopped, and served nothing meanwhile; not
     # tested with that number, since the test of a worker without the check would do it again.
-    _store(prefix, bundle_id, gzip.compress(_tar()), chunks=2)
+    _store(prefix, bundle_id, _tar_of(), chunks=2)
 
 
 def _manifest_garbage(prefix: str, bundle_id: str) -> None:
@@ -389,7 +370,7 @@ def _manifest_wrong_types(prefix: str, bundle_id: str) -> None:
 
 def _manifest_of_other_chunks(prefix: str, bundle_id: str) -> None:
     # Another bundle's archive, stored properly under its own id; this manifest names it.
-    archive = gzip.compress(_tar((_member("python/m.py"), b"x = 1\n")))
+    archive = _tar_of((tar_member("python/m.py"), b"x = 1\n"))
     _store(prefix, "f" * 64, archive)
     sha = hashlib.sha256(archive).hexdigest()
     _store(prefix, bundle_id, b"", sha256=sha, size=len(archive), chunks=1)
@@ -399,9 +380,7 @@ def _manifest_packages_huge(prefix: str, bundle_id: str) -> None:
     # A well-formed bundle whose manifest lists four million packages: ~90 MB of msgpack,
     # gigabytes once decoded into Python strings.
     names = [f"forged-package-{n:08d}" for n in range(4_000_000)]
-    _store(
-        prefix, bundle_id, gzip.compress(_tar((_member("python/m.py"), b"x = 1\n"))), packages=names
-    )
+    _store(prefix, bundle_id, _tar_of((tar_member("python/m.py"), b"x = 1\n")), packages=names)
 
 
 MANIFESTS = {
@@ -443,7 +422,7 @@ def test_a_bundle_id_with_path_characters_names_no_directory(
     path, _ = _integration(tmp_path, "path-id")
     escaped = f"escaped-{uuid.uuid4().hex[:8]}"
     bundle_id = "../" + escaped
-    _store(prefix, bundle_id, gzip.compress(_tar((_member("python/m.py"), b"x = 1\n"))))
+    _store(prefix, bundle_id, _tar_of((tar_member("python/m.py"), b"x = 1\n")))
     integration = Integration.load(path)
     steps = [msgspec.structs.replace(step, bundle=bundle_id) for step in integration.steps]
     forged = msgspec.structs.replace(integration, steps=steps)
@@ -484,12 +463,10 @@ def test_a_forged_archives_modes_reach_no_step(
     """Setuid, setgid, sticky and world-write bits asked for by the archive: the step finds
     root's files 0755 and directories 0755, and cannot write into the one asked 0777."""
     path, bundle_id = _integration(tmp_path, "modes", MODES_STEP)
-    archive = gzip.compress(
-        _tar(
-            (_member("python", tarfile.DIRTYPE, mode=0o7777), b""),
-            (_member("python/open", tarfile.DIRTYPE, mode=0o1777), b""),
-            (_member("python/tool", mode=0o6777, uid=1000, gid=1000), b"#!/bin/sh\nid\n"),
-        )
+    archive = _tar_of(
+        (tar_member("python", tarfile.DIRTYPE, mode=0o7777), b""),
+        (tar_member("python/open", tarfile.DIRTYPE, mode=0o1777), b""),
+        (tar_member("python/tool", mode=0o6777, uid=1000, gid=1000), b"#!/bin/sh\nid\n"),
     )
     _store(prefix, bundle_id, archive)
     result = submit_wait(path, prefix, None)
@@ -579,8 +556,8 @@ LEAKY_STEP = (
 def _package(name: str, index: str) -> list[tuple[tarfile.TarInfo, bytes]]:
     manifest = f'{{"name": "{name}", "version": "1.0.0", "main": "index.js"}}'.encode()
     return [
-        (_member(f"node_modules/{name}/package.json"), manifest),
-        (_member(f"node_modules/{name}/index.js"), index.encode()),
+        (tar_member(f"node_modules/{name}/package.json"), manifest),
+        (tar_member(f"node_modules/{name}/index.js"), index.encode()),
     ]
 
 
@@ -610,7 +587,7 @@ def test_a_bundles_package_is_not_handed_a_module_planted_above_the_cache(
         }
         path = write(tmp_path / "leaky", spec, {"step.cjs": LEAKY_STEP})
         bundle_id = Integration.load(path).steps[0].bundle
-        archive = _tar(
+        archive = _tar_raw(
             *_package("leaky", LEAKY_INDEX), *_package("inner", "module.exports = 'inner';\n")
         )
         _store(prefix, bundle_id, gzip.compress(archive))

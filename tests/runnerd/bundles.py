@@ -4,11 +4,14 @@ the full profile or the Fargate one)."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import itertools
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +126,23 @@ def submit_wait(path: Path, prefix: str, data: Any, timeout_s: float = 60) -> di
 
 def bundle_dirs(cache_dir: Path) -> list[str]:
     return sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith("."))
+
+
+def tar_of(*members: tuple[tarfile.TarInfo, bytes], compress: bool = True) -> bytes:
+    """A tar archive of these members and contents, gzipped as a bundle's is unless not
+    `compress` (a hostile test splices raw blocks). GNU format: a member is written as asked
+    (long names, odd types, modes), which is what the tests of unpacking need."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for info, content in members:
+            info.size = len(content) if info.isfile() else 0
+            tar.addfile(info, io.BytesIO(content) if info.isfile() else None)
+    return gzip.compress(raw.getvalue()) if compress else raw.getvalue()
+
+
+def tar_member(name: str, kind: bytes = tarfile.REGTYPE, **fields: object) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)  # mode 0644
+    info.type = kind
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info

@@ -3,7 +3,6 @@ declaration's validation, without installing anything."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import stat
@@ -16,6 +15,8 @@ from runnerd import bundle_archive
 from runnerd.bundle_archive import ArchiveError
 from runnerd.errors import ConfigError
 from runnerd.integration import Integration
+from tests.runnerd.bundles import tar_member as member
+from tests.runnerd.bundles import tar_of as archive
 
 
 def tree(root: Path) -> Path:
@@ -41,23 +42,6 @@ def test_a_packed_bundle_unpacks_read_only_for_others(tmp_path: Path) -> None:
     assert bundle_archive.unpack(data, into, 1 << 20) == len("module.exports = 1") + 5
     mode = (into / "python" / "m.py").stat().st_mode
     assert stat.S_IMODE(mode) == 0o644
-
-
-def archive(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w:gz") as tar:
-        for info, content in members:
-            info.size = len(content) if info.isfile() else 0
-            tar.addfile(info, io.BytesIO(content) if info.isfile() else None)
-    return raw.getvalue()
-
-
-def member(name: str, kind: bytes = tarfile.REGTYPE, **fields: object) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    for key, value in fields.items():
-        setattr(info, key, value)
-    return info
 
 
 @pytest.mark.parametrize(
